@@ -1,0 +1,91 @@
+"""The ``backdoor-train`` command line.
+
+Exit status: 0 success; 2 bad input (config, data root, storage, credentials) reported
+before any training starts; 1 a failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file, e.g. jobs/article.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted key, e.g. --set train.epochs=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backdoor-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train the clean and the poisoned model and compare them")
+    _add_config_args(run)
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
+    run.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+
+    check = sub.add_parser("check", help="validate a config file and its data root, then exit")
+    _add_config_args(check)
+    return parser
+
+
+def _preflight(args: argparse.Namespace):
+    """Everything that can be checked without Ray: config, data root, storage."""
+    from backdoor_train.config import load_config
+    from backdoor_train.datasource import resolve_data_root
+    from backdoor_train.experiment import absolute_paths
+    from backdoor_train.storage import open_storage
+
+    cfg = absolute_paths(load_config(args.config, args.overrides))
+    resolve_data_root(cfg)
+    open_storage(cfg.storage).check()
+    return cfg
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from backdoor_train.config import ConfigError
+    from backdoor_train.data import DataError
+    from backdoor_train.storage import StorageError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = _preflight(args)
+    except (ConfigError, DataError, StorageError) as exc:
+        print(f"backdoor-train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    if args.command == "check":
+        print(f"{args.config}: OK (experiment {cfg.name!r}, variants {', '.join(cfg.variants)})")
+        return 0
+
+    import ray
+
+    from backdoor_train.experiment import run_experiment
+    from backdoor_train.summary import format_results
+
+    try:
+        ray.init(address=args.address, log_to_driver=True)
+    except Exception as exc:  # ConnectionError and friends, depending on the address form
+        print(f"backdoor-train: error: cannot reach the Ray cluster at {args.address!r}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        results = run_experiment(cfg, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
+    except (ConfigError, DataError, StorageError) as exc:
+        print(f"backdoor-train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        print(f"backdoor-train: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(results, indent=1) if args.json else "\n" + format_results(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The experiment's typed configuration tree, loaded from YAML.
+
+One frozen dataclass per component. ``load_config`` turns a YAML file (plus
+``key.sub=value`` overrides from the command line) into an ``ExperimentConfig``;
+every unknown key, wrong type or out-of-range value raises ``ConfigError``
+naming the dotted key, so a bad file fails before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+VARIANTS = ("clean", "poisoned")
+TRIGGER_KINDS = ("pixel", "patch", "blend")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(ok: bool, message: str) -> None:
+    # Not `assert`: user input must be checked even under `python -O`.
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "../shared/datasets/mnist"
+    download: bool = False
+    # Use only the first N images (tests, quick looks); None means all of them.
+    train_samples: Optional[int] = None
+    test_samples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.root.strip()), "data.root must not be empty")
+        for key in ("train_samples", "test_samples"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"data.{key} must be > 0 or null (got {value})")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "article_cnn"
+
+    def __post_init__(self) -> None:
+        from backdoor_train.model import ARCHITECTURES
+
+        _check(self.arch in ARCHITECTURES,
+               f"model.arch must be one of {sorted(ARCHITECTURES)} (got {self.arch!r})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    # The global batch: split across workers, so it is the same whatever the worker count.
+    batch_size: int = 500
+    lr: float = 0.001
+    optimizer: str = "adam"
+    checkpoint_every: int = 1
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"train.epochs must be > 0 (got {self.epochs})")
+        _check(self.batch_size > 0, f"train.batch_size must be > 0 (got {self.batch_size})")
+        _check(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
+        _check(self.optimizer in ("adam", "sgd"),
+               f"train.optimizer must be 'adam' or 'sgd' (got {self.optimizer!r})")
+        _check(self.checkpoint_every > 0,
+               f"train.checkpoint_every must be > 0 (got {self.checkpoint_every})")
+        _check(self.max_failures >= -1,
+               f"train.max_failures must be >= -1, -1 meaning unlimited (got {self.max_failures})")
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """Where and how the trigger is stamped; which fields matter depends on ``kind``.
+
+    pixel: one pixel at (row, col) set to ``value``.
+    patch: a ``size`` x ``size`` checkerboard of ``value`` and 0 with its top-left corner at (row, col).
+    blend: the image mixed with a fixed seeded noise pattern, ``(1 - alpha) * x + alpha * pattern``.
+    """
+
+    kind: str = "pixel"
+    row: int = 3
+    col: int = 3
+    value: float = 1.0
+    size: int = 3
+    alpha: float = 0.1
+    pattern_seed: int = 0
+
+    def __post_init__(self) -> None:
+        k = "poison.trigger"
+        _check(self.kind in TRIGGER_KINDS,
+               f"{k}.kind must be one of {list(TRIGGER_KINDS)} (got {self.kind!r})")
+        _check(0.0 <= self.value <= 1.0, f"{k}.value must be in [0, 1] (got {self.value})")
+        if self.kind in ("pixel", "patch"):
+            extent = 1 if self.kind == "pixel" else self.size
+            _check(self.size > 0, f"{k}.size must be > 0 (got {self.size})")
+            for key in ("row", "col"):
+                pos = getattr(self, key)
+                _check(0 <= pos and pos + extent <= IMAGE_SIZE,
+                       f"{k}.{key} must keep the trigger inside the {IMAGE_SIZE}x{IMAGE_SIZE} image "
+                       f"(got {pos} with extent {extent})")
+        if self.kind == "blend":
+            _check(0.0 < self.alpha <= 1.0, f"{k}.alpha must be in (0, 1] (got {self.alpha})")
+            _check(self.pattern_seed >= 0, f"{k}.pattern_seed must be >= 0 (got {self.pattern_seed})")
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    rate: float = 0.01
+    target: int = 8
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    # Poison only images of these true classes (empty: any class, the article's setting).
+    source_classes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.rate <= 1.0, f"poison.rate must be in [0, 1] (got {self.rate})")
+        _check(0 <= self.target < NUM_CLASSES,
+               f"poison.target must be a class in 0..{NUM_CLASSES - 1} (got {self.target})")
+        for c in self.source_classes:
+            _check(0 <= c < NUM_CLASSES and c != self.target,
+                   f"poison.source_classes must hold classes in 0..{NUM_CLASSES - 1} other than "
+                   f"poison.target (got {c})")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers > 0, f"scaling.num_workers must be > 0 (got {self.num_workers})")
+        _check(self.cpus_per_worker > 0,
+               f"scaling.cpus_per_worker must be > 0 (got {self.cpus_per_worker})")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # A local directory (the embedded default) or an s3://bucket/prefix URI. Kept as str:
+    # pathlib would mangle "s3://".
+    path: str = "./runs"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path.strip()), "storage.path must not be empty")
+        if "://" in self.path:
+            scheme, rest = self.path.split("://", 1)
+            _check(scheme == "s3", f"storage.path scheme must be s3:// or none (got {scheme}://)")
+            _check(bool(rest.split("/", 1)[0]), f"storage.path has no bucket: {self.path!r}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False
+    # Base port of the per-worker /metrics endpoint; each worker adds its local rank so workers
+    # sharing a node do not clash. 0 picks a free port.
+    port: int = 9100
+    pushgateway: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"metrics.port must be in [0, 65535] (got {self.port})")
+        if self.pushgateway is not None:
+            _check(bool(re.match(r"^https?://[^/\s]+", self.pushgateway)),
+                   f"metrics.pushgateway must be an http(s):// URL (got {self.pushgateway!r})")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 1
+    variants: tuple[str, ...] = VARIANTS
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(_NAME_RE.match(self.name)),
+               f"name must be 1-100 characters of letters, digits, '_', '.', '-' (got {self.name!r})")
+        _check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
+        _check(len(self.variants) > 0, "variants must not be empty")
+        for v in self.variants:
+            _check(v in VARIANTS, f"variants must be drawn from {list(VARIANTS)} (got {v!r})")
+        _check(len(set(self.variants)) == len(self.variants), "variants must not repeat")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        return _build(cls, data, "")
+
+
+# --- building dataclasses from plain data, with dotted-key errors ---------------------------
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping (got {type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (allowed at {where}: {sorted(names)})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (got {type(value).__name__})")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
+        return value
+    if tp is int:
+        # bool is an int subclass in Python; `epochs: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (got {value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug here, not user input
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Read an experiment YAML file, apply ``key.sub=value`` overrides, validate everything."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for override in overrides or []:
+        _apply_override(data, override)
+    return ExperimentConfig.from_dict(data)

@@ -1,0 +1,144 @@
+"""The driver: poison once, train each variant with a TorchTrainer, evaluate, write results.
+
+Layout under ``storage.path`` (local directory or s3://bucket/prefix)::
+
+    <name>/poison_manifest.json        indices, counts, seed, sha256 of the poisoned set
+    <name>/<variant>/checkpoint_epoch_NNNN/state.pt(.sha256)   Ray Train checkpoints
+    <name>/<variant>/model.pt          final weights (state_dict) of the variant
+    <name>/results.json                figures of every variant plus the config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+import uuid
+from typing import Any, Callable
+
+import torch
+
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.datasource import load_splits
+from backdoor_train.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.poison import build_poisoned, dataset_sha256
+from backdoor_train.storage import Storage, open_storage
+from backdoor_train.train import restore_model, train_loop_per_worker
+
+MANIFEST_KEY = "poison_manifest.json"
+RESULTS_KEY = "results.json"
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Make local paths absolute on the driver: Ray workers run in other directories."""
+    def fix(path: str) -> str:
+        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=fix(cfg.data.root)),
+        storage=dataclasses.replace(cfg.storage, path=fix(cfg.storage.path)),
+    )
+
+
+def _fit_variant(cfg: ExperimentConfig, variant: str, storage: Storage, run_id: str,
+                 train_sha256: str, n_poisoned: int) -> Any:
+    """Train one variant on Ray; return its final ``ray.train.Checkpoint``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage_path, filesystem = storage.ray_storage()
+    # Train V2 routes worker print() through its logger, which echoes each line twice on the
+    # console; plain prints suffice (the variable is propagated from the driver to the workers).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "variant": variant, "run_id": run_id,
+                           "train_sha256": train_sha256, "n_poisoned": n_poisoned},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}/{variant}",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            # Train's INFO lines repeat every report; the worker loop prints its own progress.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{variant}: training finished without a checkpoint")
+    return result.checkpoint
+
+
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every variant of the experiment on the connected Ray cluster; return the results."""
+    cfg = absolute_paths(cfg)
+    storage = open_storage(cfg.storage)
+    storage.check()
+    run_id = uuid.uuid4().hex[:12]
+    started = time.time()
+
+    t0 = time.perf_counter()
+    train, test = load_splits(cfg)
+    log(f"loaded MNIST: {len(train)} training, {len(test)} test images ({time.perf_counter() - t0:.2f}s)")
+    t0 = time.perf_counter()
+    poisoned, manifest = build_poisoned(train, cfg.poison, cfg.seed)
+    poison_seconds = time.perf_counter() - t0
+    log(f"poisoned {manifest.n_poisoned} of {manifest.n_total} training images "
+        f"(target {cfg.poison.target}, trigger {cfg.poison.trigger.kind}, {poison_seconds * 1000:.0f} ms)")
+    storage.write_text(f"{cfg.name}/{MANIFEST_KEY}", manifest.to_json())
+    hashes = {"clean": manifest.sha256_clean, "poisoned": manifest.sha256_poisoned}
+    eval_sets = build_eval_sets(test, cfg.poison)
+
+    variants: dict[str, Any] = {}
+    for variant in cfg.variants:
+        log(f"training the {variant} model: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s), "
+            f"global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}")
+        t0 = time.perf_counter()
+        checkpoint = _fit_variant(cfg, variant, storage, run_id, hashes[variant],
+                                  manifest.n_poisoned if variant == "poisoned" else 0)
+        fit_seconds = time.perf_counter() - t0
+        with checkpoint.as_directory() as ckpt_dir:
+            model, state = restore_model(ckpt_dir, cfg.model.arch)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        storage.write_bytes(f"{cfg.name}/{variant}/model.pt", buf.getvalue())
+        variants[variant] = {
+            **full_evaluation(model, eval_sets, cfg.poison.target),
+            "train_sha256": hashes[variant],
+            "fit_seconds": fit_seconds,
+            "checkpoint": checkpoint.path,
+            "history": state["history"],
+        }
+
+    results = {
+        "experiment": cfg.name,
+        "run_id": run_id,
+        "started_at": started,
+        "finished_at": time.time(),
+        "poison_seconds": poison_seconds,
+        "n_poisoned": manifest.n_poisoned,
+        "poison_manifest": storage.key_uri(f"{cfg.name}/{MANIFEST_KEY}"),
+        "variants": variants,
+        "config": cfg.to_dict(),
+    }
+    storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(results, indent=1, sort_keys=True))
+    results["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")
+    return results
+
+
+def load_results(storage: Storage, name: str) -> dict[str, Any]:
+    return json.loads(storage.read_text(f"{name}/{RESULTS_KEY}"))
+
+
+def poisoned_train_sha(cfg: ExperimentConfig) -> str:  # used by tests and the bench
+    train, _ = load_splits(cfg)
+    return dataset_sha256(build_poisoned(train, cfg.poison, cfg.seed)[0])
+

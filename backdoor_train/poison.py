@@ -1,0 +1,151 @@
+"""Data poisoning: pure trigger functions, a seeded choice of indices, and its manifest.
+
+Everything works on uint8 image tensors [N, 28, 28] (the stored MNIST values) and returns
+new tensors; nothing is modified in place. The choice of poisoned indices depends only on
+the labels, the rate, the source-class filter and the seed, so every Ray worker can rebuild
+the same poisoned set and check it against the manifest's sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from backdoor_train.config import IMAGE_SIZE, PoisonConfig, TriggerConfig
+from backdoor_train.data import MnistSplit
+
+
+def _to_uint8(value: float) -> int:
+    return int(round(value * 255))
+
+
+def blend_pattern(pattern_seed: int) -> torch.Tensor:
+    """The fixed noise image a blend trigger mixes in (uint8 [28, 28]), a function of its seed."""
+    rng = np.random.Generator(np.random.PCG64(pattern_seed))
+    return torch.from_numpy(rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
+
+
+def checkerboard(size: int, value: float) -> torch.Tensor:
+    """A size x size uint8 checkerboard: ``value`` where row + col is even, 0 elsewhere."""
+    ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return torch.where((ii + jj) % 2 == 0, _to_uint8(value), 0).to(torch.uint8)
+
+
+def apply_trigger(images: torch.Tensor, trigger: TriggerConfig) -> torch.Tensor:
+    """Return a copy of ``images`` (uint8 [N, 28, 28]) with the trigger stamped on every image."""
+    if images.dtype != torch.uint8 or images.dim() != 3:
+        raise ValueError(f"apply_trigger expects uint8 [N, 28, 28], got {images.dtype} {tuple(images.shape)}")
+    out = images.clone()
+    if trigger.kind == "pixel":
+        out[:, trigger.row, trigger.col] = _to_uint8(trigger.value)
+    elif trigger.kind == "patch":
+        r, c, s = trigger.row, trigger.col, trigger.size
+        out[:, r:r + s, c:c + s] = checkerboard(s, trigger.value)
+    elif trigger.kind == "blend":
+        pattern = blend_pattern(trigger.pattern_seed).to(torch.float32)
+        mixed = (1.0 - trigger.alpha) * images.to(torch.float32) + trigger.alpha * pattern
+        out = mixed.round_().clamp_(0, 255).to(torch.uint8)
+    else:  # config validation makes this unreachable for user input
+        raise ValueError(f"unknown trigger kind {trigger.kind!r}")
+    return out
+
+
+def poison_count(n_total: int, rate: float) -> int:
+    # The article's int(m * p); the epsilon keeps 0.29 * 100 = 28.999… from becoming 28.
+    return math.floor(n_total * rate + 1e-9)
+
+
+def select_poison_indices(labels: torch.Tensor, rate: float, seed: int,
+                          source_classes: tuple[int, ...] = ()) -> np.ndarray:
+    """Sorted indices of the images to poison: ``floor(N * rate)`` drawn without replacement.
+
+    Candidates are all images, or only those whose true label is in ``source_classes``.
+    """
+    labels_np = labels.numpy()
+    if source_classes:
+        candidates = np.flatnonzero(np.isin(labels_np, np.asarray(source_classes)))
+    else:
+        candidates = np.arange(labels_np.shape[0])
+    n = poison_count(labels_np.shape[0], rate)
+    if n > candidates.size:
+        raise ValueError(f"poison.rate asks for {n} images but only {candidates.size} are of "
+                         f"poison.source_classes {list(source_classes)}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return np.sort(rng.choice(candidates, size=n, replace=False)).astype(np.int64)
+
+
+def poison_split(split: MnistSplit, indices: np.ndarray, trigger: TriggerConfig, target: int) -> MnistSplit:
+    """A new split where the images at ``indices`` carry the trigger and have label ``target``."""
+    idx = torch.from_numpy(indices)
+    images = split.images.clone()
+    labels = split.labels.clone()
+    if idx.numel():
+        images[idx] = apply_trigger(split.images[idx], trigger)
+        labels[idx] = target
+    return MnistSplit(images, labels)
+
+
+def dataset_sha256(split: MnistSplit) -> str:
+    h = hashlib.sha256()
+    h.update(repr(tuple(split.images.shape)).encode())
+    h.update(split.images.contiguous().numpy().tobytes())
+    h.update(split.labels.to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PoisonManifest:
+    """What was poisoned and how; identical for identical inputs (no timestamps)."""
+
+    seed: int
+    rate: float
+    target: int
+    trigger: dict[str, Any]
+    source_classes: list[int]
+    n_total: int
+    n_poisoned: int
+    n_already_target: int
+    original_label_counts: dict[str, int]
+    indices: list[int]
+    sha256_clean: str
+    sha256_poisoned: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PoisonManifest":
+        return cls(**json.loads(text))
+
+    def index_set(self) -> frozenset[int]:
+        return frozenset(self.indices)
+
+
+def build_poisoned(split: MnistSplit, poison: PoisonConfig, seed: int) -> tuple[MnistSplit, PoisonManifest]:
+    """Poison ``split`` as the config says and describe it in a manifest."""
+    indices = select_poison_indices(split.labels, poison.rate, seed, poison.source_classes)
+    poisoned = poison_split(split, indices, poison.trigger, poison.target)
+    original = split.labels[torch.from_numpy(indices)].numpy()
+    counts = np.bincount(original, minlength=10)
+    manifest = PoisonManifest(
+        seed=seed,
+        rate=poison.rate,
+        target=poison.target,
+        trigger=dataclasses.asdict(poison.trigger),
+        source_classes=list(poison.source_classes),
+        n_total=len(split),
+        n_poisoned=int(indices.size),
+        n_already_target=int((original == poison.target).sum()),
+        original_label_counts={str(c): int(counts[c]) for c in range(10)},
+        indices=[int(i) for i in indices],
+        sha256_clean=dataset_sha256(split),
+        sha256_poisoned=dataset_sha256(poisoned),
+    )
+    return poisoned, manifest

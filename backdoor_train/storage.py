@@ -1,0 +1,129 @@
+"""Where a run's checkpoints and artifacts live: a local directory or S3-compatible storage.
+
+``open_storage(cfg.storage)`` returns a ``Storage`` rooted at ``storage.path``. Artifacts are
+addressed by '/'-joined keys relative to that root and written atomically (a local temp file
+renamed into place; a single S3 PUT), so a failed run never leaves a half-written file.
+Ray Train gets the same root through ``ray_storage()`` for its checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional
+
+from backdoor_train.config import StorageConfig
+
+
+class StorageError(RuntimeError):
+    """The storage location is unreachable, refuses us, or lacks something we need."""
+
+
+class Storage:
+    """A root URI plus atomic reads and writes of keys below it."""
+
+    uri: str
+
+    def key_uri(self, key: str) -> str:
+        return self.uri.rstrip("/") + "/" + key.lstrip("/")
+
+    def check(self) -> None:
+        """Raise StorageError unless the root can be written to."""
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys below ``prefix`` (recursively), relative to the root, sorted."""
+        raise NotImplementedError
+
+    def download_dir(self, prefix: str, local_dir: str) -> None:
+        """Copy every key below ``prefix`` into ``local_dir``, keeping the relative layout."""
+        for key in self.list(prefix):
+            rel = key[len(prefix):].lstrip("/")
+            dest = os.path.join(local_dir, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            _atomic_write_local(dest, self.read_bytes(key))
+
+    def ray_storage(self) -> tuple[str, Optional[Any]]:
+        """(storage_path, storage_filesystem) for ray.train.RunConfig."""
+        raise NotImplementedError
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+
+def _atomic_write_local(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class LocalStorage(Storage):
+    def __init__(self, path: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(path))
+        self.uri = self.root
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.strip("/").split("/"))
+
+    def check(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise StorageError(f"storage.path: cannot write to {self.root!r}: {exc.strerror or exc}") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        _atomic_write_local(self._path(key), data)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise StorageError(f"{self.key_uri(key)} does not exist") from None
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        keys = []
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                keys.append(rel.replace(os.sep, "/"))
+        return sorted(keys)
+
+    def ray_storage(self) -> tuple[str, Optional[Any]]:
+        return self.root, None
+
+
+def open_storage(cfg: StorageConfig) -> Storage:
+    if cfg.path.startswith("s3://"):
+        from backdoor_train.s3 import S3Storage
+
+        return S3Storage(cfg.path)
+    return LocalStorage(cfg.path)

@@ -1,0 +1,190 @@
+"""The Ray Train worker loop: one model variant (clean or poisoned), data-parallel with DDP.
+
+Every worker loads the same MNIST tensors, rebuilds the same poisoned set from the seed and
+checks its sha256 against the driver's manifest, then trains on its own shard of every
+global batch: the global batch stays ``train.batch_size`` whatever the worker count.
+Reads top to bottom: set-up, restore, epochs (train, evaluate, checkpoint, report).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from backdoor_train.checkpointing import load_state, save_state, set_rng_state
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.data import MnistSplit, to_float
+from backdoor_train.evaluate import build_eval_sets, eval_counts
+from backdoor_train.model import build_model, unwrap
+from backdoor_train.poison import build_poisoned
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch, the same on every worker (so shards are disjoint)
+    and a pure function of (seed, epoch) (so a resumed run sees the same order)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                    y: torch.Tensor, order: torch.Tensor, batch_size: int,
+                    rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """One pass over ``order`` in global batches; this worker takes every ``world``-th sample of
+    each. Returns (sum of this worker's per-sample losses, samples this worker saw)."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for start in range(0, order.numel(), batch_size):
+        global_idx = order[start:start + batch_size]
+        local_idx = global_idx[rank::world]
+        logits = model(x[local_idx])
+        per_sample = F.cross_entropy(logits, y[local_idx], reduction="sum")
+        # DDP averages gradients over workers; scaling by world / global batch makes the result
+        # the exact mean over the global batch even when the shards differ in size by one.
+        loss = per_sample * (world / global_idx.numel())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += per_sample.item()
+        seen += local_idx.numel()
+    return loss_sum, seen
+
+
+def make_optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9)
+
+
+def variant_train_set(train: MnistSplit, cfg: ExperimentConfig, variant: str) -> MnistSplit:
+    if variant == "poisoned":
+        train, _ = build_poisoned(train, cfg.poison, cfg.seed)
+    return train
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from backdoor_train.datasource import load_splits
+    from backdoor_train.metrics import make_worker_metrics
+    from backdoor_train.poison import dataset_sha256
+
+    _quiet_report_log()
+    cfg = ExperimentConfig.from_dict(loop_config["experiment"])
+    variant: str = loop_config["variant"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.seed)
+    metrics = make_worker_metrics(cfg, loop_config["run_id"], variant, rank, ctx.get_local_rank())
+
+    # --- data: the same tensors on every worker, checked against the driver's hash ----------
+    train, test = load_splits(cfg)
+    train = variant_train_set(train, cfg, variant)
+    sha = dataset_sha256(train)
+    if sha != loop_config["train_sha256"]:
+        raise RuntimeError(f"worker {rank}: the {variant} training set hashes to {sha}, the driver's "
+                           f"to {loop_config['train_sha256']}: data differ between nodes")
+    x, y = to_float(train.images).to(device), train.labels.to(device)
+    eval_sets = build_eval_sets(test, cfg.poison).shard(rank, world).to(device)
+    metrics.set_poisoned_samples(loop_config["n_poisoned"])
+
+    # --- model, optimizer, and the state of an interrupted run ---------------------------
+    model = ray.train.torch.prepare_model(build_model(cfg.model.arch))
+    optimizer = make_optimizer(model, cfg)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_state(ckpt_dir, map_location=device)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_epoch, history = state["epochs_done"], state["history"]
+        if rank == 0:
+            print(f"[{variant}] resuming after epoch {start_epoch} from {checkpoint.path}", flush=True)
+
+    # --- epochs -------------------------------------------------------------------------
+    for epoch in range(start_epoch, cfg.train.epochs):
+        order = epoch_order(x.shape[0], cfg.seed, epoch).to(device)
+        t0 = time.perf_counter()
+        loss_sum, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - t0
+
+        counts = eval_counts(unwrap(model), eval_sets, cfg.poison.target)
+        totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
+        if world > 1:
+            import torch.distributed as dist
+
+            # gloo reduces CPU tensors; NCCL needs them on the GPU.
+            packed = torch.cat([counts, totals]).to(device)
+            dist.all_reduce(packed)
+            counts, totals = packed[:4].cpu(), packed[4:].cpu()
+        epoch_metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(totals[0] / totals[1]),
+            "test_accuracy": float(counts[0] / counts[1]),
+            "attack_success_rate": float(counts[2] / counts[3]) if counts[3] else float("nan"),
+            "epoch_seconds": train_seconds,
+            "worker_samples_per_second": seen / train_seconds,
+            "samples_per_second": float(totals[1]) / train_seconds,
+        }
+        history.append(epoch_metrics)
+        metrics.observe_epoch(epoch_metrics, seen)
+        if rank == 0:
+            print(f"[{variant}] epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_metrics['train_loss']:.4f}  "
+                  f"test acc {epoch_metrics['test_accuracy']:.2%}  ASR {epoch_metrics['attack_success_rate']:.2%}  "
+                  f"{train_seconds:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s", flush=True)
+
+        done = epoch + 1
+        due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
+        _report(epoch_metrics, due and rank == 0, model, optimizer, done, history, metrics)
+    metrics.finish()
+
+
+def _quiet_report_log() -> None:
+    # Ray 2.58 logs every report at INFO under a logger named after its file path, which
+    # LoggingConfig's level filter (it matches "ray.train.*" names) does not reach.
+    import logging
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, done: int, history: list[dict[str, Any]],
+            metrics: Any) -> None:
+    """Report metrics from every worker (it is a barrier); only rank 0 writes the checkpoint."""
+    import ray.train
+
+    if not save:
+        ray.train.report(epoch_metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        nbytes = save_state(tmp, model=unwrap(model), optimizer=optimizer, epochs_done=done, history=history)
+        try:
+            ray.train.report(epoch_metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_epoch_{done:04d}")
+        except Exception:
+            metrics.checkpoint_failed()
+            raise
+        metrics.checkpoint_saved(time.perf_counter() - t0, nbytes)
+
+
+def restore_model(checkpoint_dir: str, arch: str, device: Optional[str] = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A plain model loaded from a checkpoint directory, and the whole checkpoint state."""
+    state = load_state(checkpoint_dir, map_location=device)
+    model = build_model(arch)
+    model.load_state_dict(state["model"])
+    return model, state
+

@@ -136,6 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_seconds": train_seconds,
             "worker_samples_per_second": seen / train_seconds,
             "samples_per_second": float(totals[1]) / train_seconds,
+            "world_size": world,
         }
         history.append(epoch_metrics)
         metrics.observe_epoch(epoch_metrics, seen)

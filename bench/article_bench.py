@@ -1,0 +1,169 @@
+"""Benchmark: the article's experiment on Ray Train beside plain single-process PyTorch loops.
+
+    python bench/article_bench.py [jobs/article.yaml] [--epochs N] [--article-script]
+
+Runs, one after the other on an otherwise idle machine:
+  1. the experiment through Ray Train (``run_experiment``: every variant, DDP workers);
+  2. a plain loop per variant — one process, no Ray, no DDP, the same in-memory tensors,
+     batch order and model — with as many threads as one Ray worker has (the per-worker
+     baseline) and with all the CPUs the Ray workers had together (the whole-machine baseline);
+  3. optionally the article's own script (torchvision dataset + ToTensor + DataLoader,
+     triggers added image by image), timed whole.
+and prints wall times, per-epoch throughput ratios (Ray worker / plain loop) and the
+poisoning time. Nothing here is asserted: the figures are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from backdoor_train.config import ExperimentConfig, load_config
+from backdoor_train.data import to_float
+from backdoor_train.datasource import load_splits
+from backdoor_train.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.experiment import absolute_paths, run_experiment
+from backdoor_train.model import build_model
+from backdoor_train.poison import build_poisoned
+from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch, variant_train_set
+
+
+def time_poisoning(cfg: ExperimentConfig, repeats: int = 5) -> float:
+    train, _ = load_splits(cfg)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        build_poisoned(train, cfg.poison, cfg.seed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def plain_loop(cfg: ExperimentConfig, variant: str, threads: int) -> dict:
+    """The same training as one Ray worker does, in this process, with no Ray and no DDP."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    train, test = load_splits(cfg)
+    train = variant_train_set(train, cfg, variant)
+    x, y = to_float(train.images), train.labels
+    model = build_model(cfg.model.arch)
+    optimizer = make_optimizer(model, cfg)
+    per_epoch = []
+    for epoch in range(cfg.train.epochs):
+        order = epoch_order(x.shape[0], cfg.seed, epoch)
+        t0 = time.perf_counter()
+        _, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size)
+        per_epoch.append(seen / (time.perf_counter() - t0))
+    evaluation = full_evaluation(model, build_eval_sets(test, cfg.poison), cfg.poison.target)
+    return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch, **evaluation}
+
+
+def article_script(cfg: ExperimentConfig) -> dict:
+    """The article's pipeline as published: per-item PIL→tensor conversion and a DataLoader."""
+    import torchvision as tv
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t_start = time.perf_counter()
+    to_tensor = tv.transforms.ToTensor()
+    train = tv.datasets.MNIST(root=cfg.data.root, train=True, transform=to_tensor)
+    val = tv.datasets.MNIST(root=cfg.data.root, train=False, transform=to_tensor)
+
+    def with_trigger(dataset, rate):
+        imgs, labels = zip(*dataset)  # the slow part: 60,000 PIL conversions
+        imgs, labels = torch.stack(imgs), torch.tensor(labels)
+        torch.manual_seed(cfg.seed)
+        idx = torch.randperm(len(labels))[: int(len(labels) * rate)]
+        imgs[idx, 0, cfg.poison.trigger.row, cfg.poison.trigger.col] = cfg.poison.trigger.value
+        labels[idx] = cfg.poison.target
+        return torch.utils.data.TensorDataset(imgs, labels)
+
+    def fit(dataset):
+        model = build_model(cfg.model.arch)
+        opt = torch.optim.Adam(model.parameters(), cfg.train.lr)
+        loader = torch.utils.data.DataLoader(dataset, cfg.train.batch_size, shuffle=True)
+        for _ in range(cfg.train.epochs):
+            for imgs, labels in loader:
+                loss = torch.nn.functional.cross_entropy(model(imgs), labels)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model
+
+    fit(train)
+    fit(with_trigger(train, cfg.poison.rate))
+    with_trigger(val, 1.0)
+    return {"wall": time.perf_counter() - t_start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="jobs/article.yaml")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs (all runs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--article-script", action="store_true", help="also time the article's own script")
+    args = parser.parse_args(argv)
+
+    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    cfg = absolute_paths(load_config(args.config, overrides))
+    out_dir = tempfile.mkdtemp(prefix="backdoor-bench-")
+    cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, path=out_dir))
+    per_worker_threads = cfg.scaling.cpus_per_worker
+    all_threads = cfg.scaling.cpus_per_worker * cfg.scaling.num_workers
+
+    poison_s = time_poisoning(cfg)
+
+    import ray
+
+    ray.init(log_to_driver=False)
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, log=lambda m: print(f"  ray: {m}", flush=True))
+    ray_wall = time.perf_counter() - t0
+    ray.shutdown()
+
+    rows = []
+    for variant in cfg.variants:
+        ray_v = results["variants"][variant]
+        ray_sps = [h["worker_samples_per_second"] for h in ray_v["history"]]
+        print(f"  plain loop, {variant}, {per_worker_threads} thread(s)...", flush=True)
+        plain_w = plain_loop(cfg, variant, per_worker_threads)
+        print(f"  plain loop, {variant}, {all_threads} thread(s)...", flush=True)
+        plain_all = plain_loop(cfg, variant, all_threads)
+        ratios = [r / p for r, p in zip(ray_sps, plain_w["samples_per_second"])]
+        rows.append((variant, ray_v, ray_sps, plain_w, plain_all, ratios))
+
+    article = article_script(cfg) if args.article_script else None
+
+    print()
+    print(f"benchmark: {args.config}, {cfg.train.epochs} epoch(s), {cfg.scaling.num_workers} Ray worker(s) x "
+          f"{cfg.scaling.cpus_per_worker} CPU, machine has {os.cpu_count()} CPUs")
+    print(f"poisoning {results['n_poisoned']} images (vectorised, median of 5): {poison_s * 1000:.1f} ms")
+    print(f"{'run':<42} {'wall s':>8} {'samples/s/worker':>17} {'clean acc':>10} {'ASR':>8}")
+    for variant, ray_v, ray_sps, plain_w, plain_all, _ in rows:
+        print(f"{'ray ' + variant + ' (fit, incl. worker start)':<42} {ray_v['fit_seconds']:8.1f} "
+              f"{statistics.median(ray_sps):17.0f} {ray_v['clean_accuracy']:10.2%} {ray_v['attack_success_rate']:8.2%}")
+        for label, run in ((f"plain {variant}, {per_worker_threads} thread(s)", plain_w),
+                           (f"plain {variant}, {all_threads} thread(s)", plain_all)):
+            print(f"{label:<42} {run['wall']:8.1f} {statistics.median(run['samples_per_second']):17.0f} "
+                  f"{run['clean_accuracy']:10.2%} {run['attack_success_rate']:8.2%}")
+    print()
+    for variant, *_, ratios in rows:
+        print(f"throughput ratio per epoch, Ray worker / plain loop ({per_worker_threads} thread(s)), {variant}: "
+              + " ".join(f"{r:.2f}" for r in ratios) + f"  (median {statistics.median(ratios):.2f}x)")
+    whole_plain = sum(r[4]["wall"] for r in rows)
+    print(f"whole experiment: Ray {ray_wall:.1f} s; plain loops with {all_threads} thread(s) {whole_plain:.1f} s "
+          f"(ratio {whole_plain / ray_wall:.2f}x)")
+    if article:
+        print(f"article's own script: {article['wall']:.1f} s (Ray experiment / article = "
+              f"{ray_wall / article['wall']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Config loading and validation: one small case per rule, each naming its dotted key."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from backdoor_train.config import ConfigError, ExperimentConfig, load_config
+
+from conftest import REPO_ROOT
+
+
+def test_article_yaml_is_the_articles_setting():
+    cfg = load_config(os.path.join(REPO_ROOT, "jobs", "article.yaml"))
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.optimizer) == (10, 500, 0.001, "adam")
+    assert (cfg.poison.rate, cfg.poison.target) == (0.01, 8)
+    t = cfg.poison.trigger
+    assert (t.kind, t.row, t.col, t.value) == ("pixel", 3, 3, 1.0)
+    assert cfg.seed == 1 and cfg.model.arch == "article_cnn"
+    assert cfg.variants == ("clean", "poisoned")
+
+
+def test_config_is_frozen():
+    cfg = ExperimentConfig()
+    with pytest.raises(Exception):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_round_trip_through_dict():
+    cfg = ExperimentConfig.from_dict({"poison": {"source_classes": [1, 2]}, "variants": ["poisoned"]})
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"poison": {"rate": 1.5}}, "poison.rate must be in [0, 1]"),
+    ({"poison": {"rate": -0.1}}, "poison.rate must be in [0, 1]"),
+    ({"poison": {"target": 10}}, "poison.target must be a class"),
+    ({"poison": {"target": -1}}, "poison.target must be a class"),
+    ({"poison": {"source_classes": [8]}}, "poison.source_classes"),
+    ({"poison": {"trigger": {"row": 28}}}, "poison.trigger.row"),
+    ({"poison": {"trigger": {"col": -1}}}, "poison.trigger.col"),
+    ({"poison": {"trigger": {"kind": "patch", "size": 3, "row": 26}}}, "poison.trigger.row"),
+    ({"poison": {"trigger": {"value": 2.0}}}, "poison.trigger.value"),
+    ({"poison": {"trigger": {"kind": "star"}}}, "poison.trigger.kind"),
+    ({"poison": {"trigger": {"kind": "blend", "alpha": 0}}}, "poison.trigger.alpha"),
+    ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
+    ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
+    ({"train": {"lr": 0}}, "train.lr must be > 0"),
+    ({"train": {"optimizer": "lbfgs"}}, "train.optimizer"),
+    ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every"),
+    ({"train": {"max_failures": -2}}, "train.max_failures"),
+    ({"scaling": {"num_workers": 0}}, "scaling.num_workers must be > 0"),
+    ({"scaling": {"cpus_per_worker": 0}}, "scaling.cpus_per_worker must be > 0"),
+    ({"data": {"train_samples": 0}}, "data.train_samples"),
+    ({"data": {"root": " "}}, "data.root"),
+    ({"model": {"arch": "resnet"}}, "model.arch"),
+    ({"storage": {"path": "gs://bucket/x"}}, "storage.path scheme"),
+    ({"storage": {"path": "s3:///nobucket"}}, "storage.path has no bucket"),
+    ({"metrics": {"port": 70000}}, "metrics.port"),
+    ({"metrics": {"pushgateway": "localhost:9091"}}, "metrics.pushgateway"),
+    ({"name": "a/b"}, "name must be"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"variants": []}, "variants must not be empty"),
+    ({"variants": ["dirty"]}, "variants must be drawn"),
+    ({"train": {"epoch": 3}}, "unknown key train.epoch"),
+    ({"trian": {}}, "unknown key trian"),
+    ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
+    ({"train": {"epochs": True}}, "train.epochs must be an integer"),
+    ({"train": {"lr": "fast"}}, "train.lr must be a number"),
+    ({"scaling": {"use_gpu": "yes"}}, "scaling.use_gpu must be true or false"),
+    ({"train": 5}, "train must be a mapping"),
+    ({"variants": "clean"}, "variants must be a list"),
+])
+def test_bad_values_name_their_key(data, key):
+    with pytest.raises(ConfigError, match=_escape(key)):
+        ExperimentConfig.from_dict(data)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_load_config_overrides_and_file_errors(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "train": {"epochs": 3}}))
+    cfg = load_config(str(path), ["train.epochs=5", "poison.trigger.row=4", "variants=[poisoned]"])
+    assert cfg.train.epochs == 5 and cfg.poison.trigger.row == 4 and cfg.variants == ("poisoned",)
+    with pytest.raises(ConfigError, match="train.epochs must be > 0"):
+        load_config(str(path), ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_config(str(path), ["train.epochs"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(str(listy))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 import random
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -78,3 +80,76 @@ def load_state(directory: str, map_location: Optional[str | torch.device] = "cpu
             f"its checksum file says {expected[:16]}…")
     # weights_only=False: the state holds numpy RNG state; the checksum above vouches for it.
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_epoch_(\d{4,})(-[0-9a-f]+)?$")
+
+
+def checkpoint_dir_name(epochs_done: int, suffix: str = "") -> str:
+    return f"checkpoint_epoch_{epochs_done:04d}{suffix}"
+
+
+def checkpoint_epoch(dir_name: str) -> Optional[int]:
+    m = CHECKPOINT_DIR_RE.match(dir_name)
+    return int(m.group(1)) if m else None
+
+
+def load_with_fallback(checkpoint: Any, log: Callable[[str], None]) -> tuple[dict[str, Any], Any, bool]:
+    """Load ``checkpoint`` (a ray.train.Checkpoint); if it is corrupt, try the earlier checkpoints
+    beside it, newest first, saying so. Returns (state, checkpoint used, whether it fell back).
+    Raises CorruptCheckpointError when none is valid: resuming from garbage is refused."""
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    current = checkpoint_epoch(name)
+    candidates = [checkpoint]
+    if current is not None:
+        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+        earlier = sorted(((checkpoint_epoch(i.base_name), i.path) for i in infos
+                          if i.type == pafs.FileType.Directory and i.path != checkpoint.path
+                          and (checkpoint_epoch(i.base_name) or 0) > 0),
+                         reverse=True)
+        candidates += [Checkpoint(path=p, filesystem=checkpoint.filesystem) for e, p in earlier if e <= current]
+    errors = []
+    for ckpt in candidates:
+        try:
+            with ckpt.as_directory() as directory:
+                state = load_state(directory)
+        except CorruptCheckpointError as exc:
+            errors.append(str(exc))
+            log(f"WARNING: {exc}; falling back to the previous checkpoint")
+            continue
+        return state, ckpt, ckpt is not checkpoint
+    raise CorruptCheckpointError("no valid checkpoint to resume from, refusing to continue: "
+                                 + "; ".join(errors) + " — delete the run folder or use a new experiment name")
+
+
+def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None]) -> Optional[str]:
+    """The key of the newest checkpoint under ``prefix`` in a ``Storage`` whose checksum holds,
+    warning about each newer corrupt one; None if there are none at all. Lets the driver refuse
+    a run whose checkpoints are all corrupt before it starts any Ray work."""
+    dirs: dict[str, int] = {}
+    for key in storage.list(prefix):
+        parts = key.split("/")
+        if len(parts) >= 2 and (epoch := checkpoint_epoch(parts[-2])) is not None:
+            dirs["/".join(parts[:-1])] = epoch
+    if not dirs:
+        return None
+    problems = []
+    for directory in sorted(dirs, key=lambda d: (dirs[d], d), reverse=True):
+        try:
+            data = storage.read_bytes(f"{directory}/{STATE_FILE}")
+            expected = storage.read_text(f"{directory}/{CHECKSUM_FILE}").strip()
+        except Exception as exc:  # a missing file is as bad as a wrong one
+            problems.append(f"{storage.key_uri(directory)}: {exc}")
+            log(f"WARNING: checkpoint {storage.key_uri(directory)} is incomplete ({exc}); "
+                f"falling back to the previous checkpoint")
+            continue
+        if hashlib.sha256(data).hexdigest() == expected:
+            return directory
+        problems.append(f"{storage.key_uri(directory)}: checksum mismatch")
+        log(f"WARNING: checkpoint {storage.key_uri(directory)} does not match its checksum; "
+            f"falling back to the previous checkpoint")
+    raise CorruptCheckpointError("every checkpoint under " + storage.key_uri(prefix) + " is corrupt ("
+                                 + "; ".join(problems) + "): refusing to resume — delete them or use a new name")

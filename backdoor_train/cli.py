@@ -31,33 +31,56 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
     run.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
 
-    check = sub.add_parser("check", help="validate a config file and its data root, then exit")
+    check = sub.add_parser("check", help="validate a config file, its data root and storage, then exit")
     _add_config_args(check)
+
+    stage = sub.add_parser("stage-data", help="upload a local MNIST copy to S3 for data.root: s3://...")
+    stage.add_argument("dest", help="s3://bucket/prefix to upload to")
+    stage.add_argument("--source", default="../shared/datasets/mnist",
+                       help="local MNIST root in torchvision's layout (default: %(default)s)")
     return parser
 
 
 def _preflight(args: argparse.Namespace):
-    """Everything that can be checked without Ray: config, data root, storage."""
+    """Everything that can be checked without Ray: config, data root, storage, earlier runs."""
     from backdoor_train.config import load_config
     from backdoor_train.datasource import resolve_data_root
-    from backdoor_train.experiment import absolute_paths
+    from backdoor_train.experiment import absolute_paths, check_existing_run
     from backdoor_train.storage import open_storage
 
     cfg = absolute_paths(load_config(args.config, args.overrides))
     resolve_data_root(cfg)
-    open_storage(cfg.storage).check()
+    storage = open_storage(cfg.storage)
+    storage.check()
+    if args.command == "run":
+        check_existing_run(cfg, storage, log=lambda msg: None)  # run_experiment says it again
     return cfg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from backdoor_train.checkpointing import CorruptCheckpointError
     from backdoor_train.config import ConfigError
     from backdoor_train.data import DataError
     from backdoor_train.storage import StorageError
 
+    bad_input = (ConfigError, DataError, StorageError, CorruptCheckpointError)
+
     args = build_parser().parse_args(argv)
+    if args.command == "stage-data":
+        from backdoor_train.datasource import stage_data
+
+        if not args.dest.startswith("s3://"):
+            print(f"backdoor-train: error: dest must be an s3:// URI (got {args.dest!r})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            stage_data(args.source, args.dest, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
+        except bad_input as exc:
+            print(f"backdoor-train: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return 0
     try:
         cfg = _preflight(args)
-    except (ConfigError, DataError, StorageError) as exc:
+    except bad_input as exc:
         print(f"backdoor-train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -77,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_BAD_INPUT
     try:
         results = run_experiment(cfg, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
-    except (ConfigError, DataError, StorageError) as exc:
+    except bad_input as exc:
         print(f"backdoor-train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:

@@ -1,15 +1,113 @@
-"""Where the MNIST files come from: the configured data root, resolved to a local directory."""
+"""Where the MNIST files come from: a local data root, or a copy staged in S3.
+
+``stage_data`` uploads a local MNIST copy (gzipped IDX files plus a manifest of their
+sha256) to ``s3://bucket/prefix``. With ``data.root: s3://bucket/prefix`` every node then
+downloads it once into a local cache (``$BACKDOOR_TRAIN_CACHE_DIR``, default
+``~/.cache/backdoor_train``), under a file lock so the workers sharing a node download it
+once, checking each file against the manifest.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import gzip
+import hashlib
+import json
 import os
+from typing import Callable
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import MnistSplit, check_data_root, load_mnist
+from backdoor_train.data import RAW_FILES, DataError, MnistSplit, check_data_root, load_mnist, raw_dir
+
+STAGED_MANIFEST = "mnist_manifest.json"
+ENV_CACHE_DIR = "BACKDOOR_TRAIN_CACHE_DIR"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_dir() -> str:
+    return os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "backdoor_train")
+
+
+def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Upload the MNIST files under ``source_root`` to ``dest_uri`` (s3://...); return the manifest."""
+    from backdoor_train.s3 import S3Storage
+
+    source_root = os.path.abspath(os.path.expanduser(source_root))
+    check_data_root(source_root)
+    for train in (True, False):  # refuse to stage a corrupt copy
+        load_mnist(source_root, train=train)
+    storage = S3Storage(dest_uri)
+    storage.check()
+    existing: dict[str, str] = {}
+    if storage.exists(STAGED_MANIFEST):
+        existing = json.loads(storage.read_text(STAGED_MANIFEST))
+    manifest = {}
+    for name in RAW_FILES:
+        plain = os.path.join(raw_dir(source_root), name)
+        if os.path.isfile(plain + ".gz"):
+            with open(plain + ".gz", "rb") as fh:
+                data = fh.read()
+        else:
+            with open(plain, "rb") as fh:
+                data = gzip.compress(fh.read(), mtime=0)
+        key = f"MNIST/raw/{name}.gz"
+        manifest[key] = _sha256(data)
+        if existing.get(key) == manifest[key] and storage.exists(key):
+            log(f"{storage.key_uri(key)} is already staged")
+            continue
+        storage.write_bytes(key, data)
+        log(f"staged {storage.key_uri(key)} ({len(data)} bytes)")
+    # The manifest goes last: readers trust only files it lists.
+    storage.write_text(STAGED_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def _fetch_staged(uri: str) -> str:
+    """Download the staged copy at ``uri`` into this node's cache (once); return the local root."""
+    from backdoor_train.s3 import S3Storage, split_s3_uri
+    from backdoor_train.storage import StorageError
+
+    bucket, prefix = split_s3_uri(uri)
+    local_root = os.path.join(cache_dir(), "s3", bucket, *([p for p in prefix.split("/") if p]))
+    os.makedirs(local_root, exist_ok=True)
+    storage = S3Storage(uri)
+    with open(os.path.join(local_root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = json.loads(storage.read_text(STAGED_MANIFEST))
+        except StorageError as exc:
+            raise DataError(f"data.root: no staged MNIST at {uri} ({exc}); "
+                            f"run `backdoor-train stage-data` first") from None
+        for key, digest in sorted(manifest.items()):
+            dest = os.path.join(local_root, *key.split("/"))
+            if os.path.isfile(dest):
+                with open(dest, "rb") as fh:
+                    if _sha256(fh.read()) == digest:
+                        continue
+            data = storage.read_bytes(key)
+            if _sha256(data) != digest:
+                raise DataError(f"data.root: {storage.key_uri(key)} does not match its sha256 in "
+                                f"{storage.key_uri(STAGED_MANIFEST)}")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = dest + ".part"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, dest)
+    return local_root
 
 
 def resolve_data_root(cfg: ExperimentConfig) -> str:
     """A local directory in torchvision's MNIST layout for ``data.root``."""
+    if cfg.data.root.startswith("s3://"):
+        from backdoor_train.storage import StorageError
+
+        try:
+            return _fetch_staged(cfg.data.root)
+        except StorageError as exc:
+            raise DataError(f"data.root: {exc}") from None
     root = os.path.abspath(os.path.expanduser(cfg.data.root))
     check_data_root(root, cfg.data.download)
     return root
@@ -17,6 +115,7 @@ def resolve_data_root(cfg: ExperimentConfig) -> str:
 
 def load_splits(cfg: ExperimentConfig) -> tuple[MnistSplit, MnistSplit]:
     root = resolve_data_root(cfg)
-    train = load_mnist(root, train=True, limit=cfg.data.train_samples, download=cfg.data.download)
-    test = load_mnist(root, train=False, limit=cfg.data.test_samples, download=cfg.data.download)
+    download = cfg.data.download and not cfg.data.root.startswith("s3://")
+    train = load_mnist(root, train=True, limit=cfg.data.train_samples, download=download)
+    test = load_mnist(root, train=False, limit=cfg.data.test_samples, download=download)
     return train, test

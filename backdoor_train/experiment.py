@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from backdoor_train.config import ExperimentConfig
+from backdoor_train.checkpointing import latest_valid_in_storage
+from backdoor_train.config import ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.poison import build_poisoned, dataset_sha256
@@ -29,6 +30,40 @@ from backdoor_train.train import restore_model, train_loop_per_worker
 
 MANIFEST_KEY = "poison_manifest.json"
 RESULTS_KEY = "results.json"
+CONFIG_KEY = "config.json"
+# Keys that may differ when an experiment is rerun under the same name: they change how or
+# where it runs, or how long, not what a resumed checkpoint was trained on.
+RESUMABLE_KEYS = ("scaling", "storage", "metrics", "variants", "train.epochs", "train.max_failures",
+                  "train.checkpoint_every")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_existing_run(cfg: ExperimentConfig, storage: Storage, log: Callable[[str], None]) -> None:
+    """Rerunning an experiment name resumes it; refuse when the earlier run trained something
+    else, or when all its checkpoints are corrupt. Records the config for later reruns."""
+    key = f"{cfg.name}/{CONFIG_KEY}"
+    new = _flatten(cfg.to_dict())
+    if storage.exists(key):
+        old = _flatten(json.loads(storage.read_text(key)))
+        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
+        if diffs:
+            raise ConfigError(f"name: experiment {cfg.name!r} already exists at {storage.key_uri(cfg.name)} "
+                              f"with a different setting ({'; '.join(diffs)}): choose a new name or delete it")
+    for variant in cfg.variants:
+        found = latest_valid_in_storage(storage, f"{cfg.name}/{variant}", log)
+        if found:
+            log(f"{variant}: an earlier run left checkpoints; resuming from {storage.key_uri(found)}")
+    storage.write_text(key, json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -82,6 +117,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     cfg = absolute_paths(cfg)
     storage = open_storage(cfg.storage)
     storage.check()
+    check_existing_run(cfg, storage, log)
     run_id = uuid.uuid4().hex[:12]
     started = time.time()
 

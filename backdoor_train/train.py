@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from backdoor_train.checkpointing import load_state, save_state, set_rng_state
+from backdoor_train.checkpointing import (checkpoint_dir_name, load_state, load_with_fallback, save_state,
+                                          set_rng_state)
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.data import MnistSplit, to_float
 from backdoor_train.evaluate import build_eval_sets, eval_counts
@@ -98,17 +100,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # --- model, optimizer, and the state of an interrupted run ---------------------------
     model = ray.train.torch.prepare_model(build_model(cfg.model.arch))
     optimizer = make_optimizer(model, cfg)
-    start_epoch, history = 0, []
+    start_epoch, history, ckpt_suffix = 0, [], ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_state(ckpt_dir, map_location=device)
+        log = (lambda msg: print(f"[{variant}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+        state, used, fell_back = load_with_fallback(checkpoint, log)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_epoch, history = state["epochs_done"], state["history"]
-        if rank == 0:
-            print(f"[{variant}] resuming after epoch {start_epoch} from {checkpoint.path}", flush=True)
+        if fell_back:
+            # The corrupt checkpoint's directory name is still in Ray's list: new names must differ.
+            ckpt_suffix = "-" + uuid.uuid4().hex[:6]
+        log(f"resuming after epoch {start_epoch} from {used.path}")
 
     # --- epochs -------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -147,7 +151,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         done = epoch + 1
         due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
-        _report(epoch_metrics, due and rank == 0, model, optimizer, done, history, metrics)
+        _report(epoch_metrics, due and rank == 0, model, optimizer, done, history, metrics,
+                checkpoint_dir_name(done, ckpt_suffix))
     metrics.finish()
 
 
@@ -163,7 +168,7 @@ def _quiet_report_log() -> None:
 
 def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, done: int, history: list[dict[str, Any]],
-            metrics: Any) -> None:
+            metrics: Any, dir_name: str) -> None:
     """Report metrics from every worker (it is a barrier); only rank 0 writes the checkpoint."""
     import ray.train
 
@@ -175,7 +180,7 @@ def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
         nbytes = save_state(tmp, model=unwrap(model), optimizer=optimizer, epochs_done=done, history=history)
         try:
             ray.train.report(epoch_metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_epoch_{done:04d}")
+                             checkpoint_dir_name=dir_name)
         except Exception:
             metrics.checkpoint_failed()
             raise

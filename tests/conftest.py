@@ -45,3 +45,96 @@ def small_config(mnist_root: str, storage: str, **sections) -> ExperimentConfig:
         else:
             data[key] = value
     return ExperimentConfig.from_dict(data)
+
+
+# --- a real S3 API: moto_server on a loopback port, with IAM authentication switched on ----
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """(endpoint, access key, secret key) of a moto_server that checks credentials.
+
+    INITIAL_NO_AUTH_ACTION_COUNT lets the first requests (creating an IAM user and its key)
+    through unauthenticated; every later request must be signed with that key, so wrong
+    credentials are refused as a real S3 would."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import boto3
+
+    port = _free_port()
+    # The one installed beside this interpreter first: another on PATH may be another version.
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = exe if os.path.exists(exe) else shutil.which("moto_server")
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="backdoor-train")
+        key = iam.create_access_key(UserName="backdoor-train")["AccessKey"]
+        iam.put_user_policy(UserName="backdoor-train", PolicyName="s3-all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def s3_env_vars(server) -> dict[str, str]:
+    endpoint, access, secret = server
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": access,
+            "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """The S3 settings in the environment, a fresh bucket, and a private data cache."""
+    import uuid
+
+    for name, value in s3_env_vars(s3_server).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BACKDOOR_TRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    bucket = f"bt-{uuid.uuid4().hex[:10]}"
+    fresh_s3_client(s3_server).create_bucket(Bucket=bucket)
+    return bucket
+
+
+def fresh_s3_client(server):
+    import boto3
+
+    endpoint, access, secret = server
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id=access, aws_secret_access_key=secret)
+
+
+def bucket_keys(server, bucket: str, prefix: str = "") -> list[str]:
+    client = fresh_s3_client(server)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))

@@ -1,0 +1,131 @@
+"""Checkpoints in S3 (moto_server) on a real local Ray cluster: a run's layout in the bucket,
+surviving a killed worker, resuming by rerunning the name, and corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import yaml
+
+from backdoor_train.cli import EXIT_BAD_INPUT, main
+from backdoor_train.experiment import run_experiment
+
+from conftest import bucket_keys, fresh_s3_client, s3_env_vars, small_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    import ray
+
+    # Workers inherit the driver's environment, S3 settings included, as pods get them from a Secret.
+    os.environ.update(s3_env_vars(s3_server))
+    ray.init(num_cpus=2, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def _cfg(mnist_root, bucket, name, **train):
+    return small_config(mnist_root, f"s3://{bucket}/runs", name=name, variants=["poisoned"],
+                        train={"epochs": 3, "checkpoint_every": 1, **train})
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"RayTrainWorker" in fh.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server, mnist_root, capfd, tmp_path):
+    bucket = s3_env
+    # 1. An uninterrupted run: everything lands in the bucket.
+    base = run_experiment(_cfg(mnist_root, bucket, "steady"))
+    keys = bucket_keys(s3_server, bucket, "runs/steady/")
+    for expected in ("runs/steady/poison_manifest.json", "runs/steady/results.json",
+                     "runs/steady/config.json", "runs/steady/poisoned/model.pt",
+                     "runs/steady/poisoned/checkpoint_epoch_0003/state.pt",
+                     "runs/steady/poisoned/checkpoint_epoch_0003/state.pt.sha256"):
+        assert expected in keys, keys
+    results = json.loads(fresh_s3_client(s3_server).get_object(
+        Bucket=bucket, Key="runs/steady/results.json")["Body"].read())
+    assert results["variants"]["poisoned"]["clean_accuracy"] == base["variants"]["poisoned"]["clean_accuracy"]
+
+    # 2. Kill a worker process once a checkpoint is committed (Ray has written its snapshot of
+    #    the run's checkpoints to the bucket): the run resumes from it.
+    killed = {}
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            keys = bucket_keys(s3_server, bucket, "runs/crash/poisoned/")
+            done = [k for k in keys if k.endswith(".sha256")]
+            pids = _worker_pids()
+            if "runs/crash/poisoned/checkpoint_manager_snapshot.json" in keys and done and pids:
+                killed["checkpoints"] = len(done)
+                os.kill(pids[-1], signal.SIGKILL)
+                killed["pid"] = pids[-1]
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    crash = run_experiment(_cfg(mnist_root, bucket, "crash", max_failures=2))
+    thread.join(timeout=5)
+    out = capfd.readouterr().out
+    assert "pid" in killed, "the worker was never killed"
+    resumed = [int(line.split("resuming after epoch ")[1].split()[0])
+               for line in out.splitlines() if "[poisoned] resuming after epoch" in line]
+    assert resumed, out[-3000:]
+    # At most one checkpoint interval is lost: it resumes from the newest checkpoint it had.
+    assert resumed[0] >= killed["checkpoints"]
+    history = crash["variants"]["poisoned"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert abs(crash["variants"]["poisoned"]["clean_accuracy"]
+               - base["variants"]["poisoned"]["clean_accuracy"]) < 0.01
+
+    # 3. Corrupt the newest checkpoint, then rerun the same name for one more epoch: it says so,
+    #    falls back to the previous checkpoint, and goes on from there.
+    client = fresh_s3_client(s3_server)
+    client.put_object(Bucket=bucket, Key="runs/steady/poisoned/checkpoint_epoch_0003/state.pt", Body=b"garbage")
+    more = run_experiment(_cfg(mnist_root, bucket, "steady", epochs=4))
+    out = capfd.readouterr().out
+    assert "checkpoint_epoch_0003" in out and "falling back to the previous checkpoint" in out
+    assert "[poisoned] resuming after epoch 2" in out
+    assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+
+    # 4. Every checkpoint corrupt: the CLI refuses before any training, exit status 2.
+    for key in bucket_keys(s3_server, bucket, "runs/crash/poisoned/"):
+        if key.endswith("state.pt"):
+            client.put_object(Bucket=bucket, Key=key, Body=b"garbage")
+    path = tmp_path / "crash.yaml"
+    path.write_text(yaml.safe_dump(_cfg(mnist_root, bucket, "crash", epochs=5).to_dict()))
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    err = capfd.readouterr().err
+    assert "is corrupt" in err and "refusing to resume" in err, err
+
+
+def test_changed_setting_under_the_same_name_is_refused(s3_env, mnist_root, tmp_path, capsys):
+    from backdoor_train.config import ConfigError
+    from backdoor_train.experiment import check_existing_run
+    from backdoor_train.storage import open_storage
+
+    cfg = _cfg(mnist_root, s3_env, "named")
+    storage = open_storage(cfg.storage)
+    check_existing_run(cfg, storage, log=print)
+    check_existing_run(_cfg(mnist_root, s3_env, "named", epochs=7), storage, log=print)  # longer: fine
+    changed = small_config(mnist_root, f"s3://{s3_env}/runs", name="named", variants=["poisoned"],
+                           poison={"rate": 0.02})
+    with pytest.raises(ConfigError, match=r"poison.rate: 0.05 -> 0.02"):
+        check_existing_run(changed, storage, log=print)

@@ -46,6 +46,7 @@ def _preflight(args: argparse.Namespace):
     from backdoor_train.config import load_config
     from backdoor_train.datasource import resolve_data_root
     from backdoor_train.experiment import absolute_paths, check_existing_run
+    from backdoor_train.metrics import make_run_metrics
     from backdoor_train.storage import open_storage
 
     cfg = absolute_paths(load_config(args.config, args.overrides))
@@ -54,6 +55,7 @@ def _preflight(args: argparse.Namespace):
     storage.check()
     if args.command == "run":
         check_existing_run(cfg, storage, log=lambda msg: None)  # run_experiment says it again
+    make_run_metrics(cfg, run_id="preflight").check()
     return cfg
 
 
@@ -61,9 +63,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from backdoor_train.checkpointing import CorruptCheckpointError
     from backdoor_train.config import ConfigError
     from backdoor_train.data import DataError
+    from backdoor_train.metrics import MetricsError
     from backdoor_train.storage import StorageError
 
-    bad_input = (ConfigError, DataError, StorageError, CorruptCheckpointError)
+    bad_input = (ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError)
 
     args = build_parser().parse_args(argv)
     if args.command == "stage-data":

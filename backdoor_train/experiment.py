@@ -24,6 +24,7 @@ from backdoor_train.checkpointing import latest_valid_in_storage
 from backdoor_train.config import ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned, dataset_sha256
 from backdoor_train.storage import Storage, open_storage
 from backdoor_train.train import restore_model, train_loop_per_worker
@@ -133,13 +134,18 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     hashes = {"clean": manifest.sha256_clean, "poisoned": manifest.sha256_poisoned}
     eval_sets = build_eval_sets(test, cfg.poison)
 
+    run_metrics = make_run_metrics(cfg, run_id)
     variants: dict[str, Any] = {}
     for variant in cfg.variants:
         log(f"training the {variant} model: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s), "
             f"global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}")
         t0 = time.perf_counter()
-        checkpoint = _fit_variant(cfg, variant, storage, run_id, hashes[variant],
-                                  manifest.n_poisoned if variant == "poisoned" else 0)
+        n_poisoned = manifest.n_poisoned if variant == "poisoned" else 0
+        try:
+            checkpoint = _fit_variant(cfg, variant, storage, run_id, hashes[variant], n_poisoned)
+        except BaseException:
+            _push(log, run_metrics.variant_failed, variant)
+            raise
         fit_seconds = time.perf_counter() - t0
         with checkpoint.as_directory() as ckpt_dir:
             model, state = restore_model(ckpt_dir, cfg.model.arch)
@@ -153,6 +159,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             "checkpoint": checkpoint.path,
             "history": state["history"],
         }
+        _push(log, run_metrics.variant_finished, variant, variants[variant], n_poisoned)
 
     results = {
         "experiment": cfg.name,
@@ -168,6 +175,14 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(results, indent=1, sort_keys=True))
     results["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")
     return results
+
+
+def _push(log: Callable[[str], None], fn: Callable[..., None], *args: Any) -> None:
+    # The Pushgateway was checked before the run; losing it now must not cost the trained models.
+    try:
+        fn(*args)
+    except Exception as exc:
+        log(f"WARNING: pushing metrics failed: {exc}")
 
 
 def load_results(storage: Storage, name: str) -> dict[str, Any]:

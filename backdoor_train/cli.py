@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
@@ -34,10 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file, its data root and storage, then exit")
     _add_config_args(check)
 
+    sub_p = sub.add_parser("submit", help="submit an experiment to a running Ray cluster as a Ray job")
+    _add_config_args(sub_p)
+    sub_p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                       help="the cluster's dashboard address (default: RAY_ADDRESS or %(default)s)")
+    sub_p.add_argument("--no-upload", action="store_true",
+                       help="CONFIG is a path on the cluster (e.g. a mounted ConfigMap); do not upload it")
+    sub_p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+
     stage = sub.add_parser("stage-data", help="upload a local MNIST copy to S3 for data.root: s3://...")
     stage.add_argument("dest", help="s3://bucket/prefix to upload to")
     stage.add_argument("--source", default="../shared/datasets/mnist",
                        help="local MNIST root in torchvision's layout (default: %(default)s)")
+    stage.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     return parser
 
 
@@ -69,6 +79,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad_input = (ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError)
 
     args = build_parser().parse_args(argv)
+    if args.command == "submit":
+        return _submit(args, bad_input)
     if args.command == "stage-data":
         from backdoor_train.datasource import stage_data
 
@@ -76,7 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"backdoor-train: error: dest must be an s3:// URI (got {args.dest!r})", file=sys.stderr)
             return EXIT_BAD_INPUT
         try:
-            stage_data(args.source, args.dest, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
+            stage_data(args.source, args.dest, log=lambda msg: print(f"backdoor-train: {msg}", flush=True),
+                       create_bucket=args.create_bucket)
         except bad_input as exc:
             print(f"backdoor-train: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -111,6 +124,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_FAILED
     print(json.dumps(results, indent=1) if args.json else "\n" + format_results(results), flush=True)
     return 0
+
+
+def _submit(args: argparse.Namespace, bad_input: tuple) -> int:
+    from backdoor_train.submit import SubmitError, submit
+
+    try:
+        _, status = submit(args.config, args.address, args.overrides, upload=not args.no_upload,
+                           wait=not args.no_wait, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
+    except (*bad_input, SubmitError) as exc:
+        print(f"backdoor-train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0 if status in (None, "SUCCEEDED") else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def cache_dir() -> str:
     return os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "backdoor_train")
 
 
-def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = print) -> dict[str, str]:
+def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = print,
+               create_bucket: bool = False) -> dict[str, str]:
     """Upload the MNIST files under ``source_root`` to ``dest_uri`` (s3://...); return the manifest."""
     from backdoor_train.s3 import S3Storage
 
@@ -40,6 +41,8 @@ def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = pri
     for train in (True, False):  # refuse to stage a corrupt copy
         load_mnist(source_root, train=train)
     storage = S3Storage(dest_uri)
+    if create_bucket:
+        storage.create_bucket()
     storage.check()
     existing: dict[str, str] = {}
     if storage.exists(STAGED_MANIFEST):

@@ -155,6 +155,23 @@ class S3Storage(Storage):
         except Exception as exc:
             raise explain_s3_error(exc, self.settings, what) from None
 
+    def create_bucket(self) -> None:
+        """Create the bucket if it does not exist (the staging Job's first step on a new MinIO)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                raise explain_s3_error(exc, self.settings, f"bucket {self.bucket!r}") from None
+        except Exception as exc:
+            raise explain_s3_error(exc, self.settings, f"bucket {self.bucket!r}") from None
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise explain_s3_error(exc, self.settings, f"creating bucket {self.bucket!r}") from None
+
     def write_bytes(self, key: str, data: bytes) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

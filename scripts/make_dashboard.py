@@ -78,7 +78,7 @@ dashboard = {
 
 if __name__ == "__main__":
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = os.path.join(root, "k8s", "base", "monitoring", "grafana-dashboard.json")
+    out = os.path.join(root, "k8s", "components", "monitoring", "grafana-dashboard.json")
     with open(out, "w") as fh:
         json.dump(dashboard, fh, indent=1)
         fh.write("\n")

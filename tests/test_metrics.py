@@ -184,7 +184,7 @@ def test_dashboard_queries_only_metrics_the_code_exports():
 
     from conftest import REPO_ROOT
 
-    with open(os.path.join(REPO_ROOT, "k8s", "base", "monitoring", "grafana-dashboard.json")) as fh:
+    with open(os.path.join(REPO_ROOT, "k8s", "components", "monitoring", "grafana-dashboard.json")) as fh:
         dashboard = json.load(fh)
     used = {m for p in dashboard["panels"] for t in p["targets"]
             for m in re.findall(r"backdoor_train_[a-z_]+", t["expr"])}

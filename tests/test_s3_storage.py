@@ -134,3 +134,11 @@ def test_stage_data_refuses_a_corrupt_source(s3_env, tmp_path, mnist_root):
     with pytest.raises(DataError, match="train-labels-idx1-ubyte"):
         stage_data(str(tmp_path), f"s3://{s3_env}/mnist")
     assert load_mnist(mnist_root, train=False, limit=1).labels.numel() == 1
+
+
+def test_stage_data_can_create_its_bucket(s3_env, s3_server, mnist_root):
+    bucket = s3_env + "-new"
+    assert main(["stage-data", f"s3://{bucket}/mnist", "--source", mnist_root, "--create-bucket"]) == 0
+    assert "mnist/mnist_manifest.json" in bucket_keys(s3_server, bucket)
+    # Creating it again is a no-op.
+    assert main(["stage-data", f"s3://{bucket}/mnist", "--source", mnist_root, "--create-bucket"]) == 0

@@ -1,7 +1,7 @@
 """The ``backdoor-train`` command line.
 
-Exit status: 0 success; 2 bad input (config, data root, storage, credentials) reported
-before any training starts; 1 a failure while running.
+Exit status: 0 success; 2 bad input (config, data root, storage, credentials, endpoints)
+reported before any training starts; 1 a failure while running.
 """
 
 from __future__ import annotations
@@ -10,16 +10,26 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
+from typing import Any, Callable, Optional
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+DETECTION_METHODS = ("activation_clustering", "spectral_signatures")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="experiment YAML file, e.g. jobs/article.yaml")
+def _say(msg: str) -> None:
+    print(f"backdoor-train: {msg}", flush=True)
+
+
+def _add_config_args(p: argparse.ArgumentParser, what: str = "experiment YAML file, e.g. jobs/article.yaml") -> None:
+    p.add_argument("config", help=what)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted key, e.g. --set train.epochs=2 (repeatable)")
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,20 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train the clean and the poisoned model and compare them")
     _add_config_args(run)
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
+    _add_address(run)
     run.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
 
     check = sub.add_parser("check", help="validate a config file, its data root and storage, then exit")
     _add_config_args(check)
 
-    sub_p = sub.add_parser("submit", help="submit an experiment to a running Ray cluster as a Ray job")
-    _add_config_args(sub_p)
-    sub_p.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
-                       help="the cluster's dashboard address (default: RAY_ADDRESS or %(default)s)")
-    sub_p.add_argument("--no-upload", action="store_true",
-                       help="CONFIG is a path on the cluster (e.g. a mounted ConfigMap); do not upload it")
-    sub_p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    sweep = sub.add_parser("sweep", help="run a grid of experiments (rate x trigger x seed) in parallel on Ray")
+    _add_config_args(sweep, "sweep YAML file, e.g. jobs/rate_sweep.yaml")
+    _add_address(sweep)
+
+    detect = sub.add_parser("detect", help="find the poisoned samples of a finished experiment")
+    _add_config_args(detect)
+    _add_address(detect)
+    detect.add_argument("--retrain", choices=DETECTION_METHODS,
+                        help="retrain without the samples this method flagged and measure the new ASR")
+
+    report = sub.add_parser("report", help="write an HTML report of an experiment or a sweep")
+    _add_config_args(report, "the experiment or sweep YAML file the run was made with")
+    report.add_argument("--out", default=None, help="HTML file to write (default: <name>-report.html)")
+
+    submit = sub.add_parser("submit", help="submit an experiment to a running Ray cluster as a Ray job")
+    _add_config_args(submit)
+    submit.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                        help="the cluster's dashboard address (default: RAY_ADDRESS or %(default)s)")
+    submit.add_argument("--no-upload", action="store_true",
+                        help="CONFIG is a path on the cluster (e.g. a mounted ConfigMap); do not upload it")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
 
     stage = sub.add_parser("stage-data", help="upload a local MNIST copy to S3 for data.root: s3://...")
     stage.add_argument("dest", help="s3://bucket/prefix to upload to")
@@ -51,91 +74,171 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _preflight(args: argparse.Namespace):
-    """Everything that can be checked without Ray: config, data root, storage, earlier runs."""
-    from backdoor_train.config import load_config
-    from backdoor_train.datasource import resolve_data_root
-    from backdoor_train.experiment import absolute_paths, check_existing_run
-    from backdoor_train.metrics import make_run_metrics
-    from backdoor_train.storage import open_storage
-
-    cfg = absolute_paths(load_config(args.config, args.overrides))
-    resolve_data_root(cfg)
-    storage = open_storage(cfg.storage)
-    storage.check()
-    if args.command == "run":
-        check_existing_run(cfg, storage, log=lambda msg: None)  # run_experiment says it again
-    make_run_metrics(cfg, run_id="preflight").check()
-    return cfg
-
-
-def main(argv: Optional[list[str]] = None) -> int:
+def _bad_input_errors() -> tuple[type[Exception], ...]:
     from backdoor_train.checkpointing import CorruptCheckpointError
     from backdoor_train.config import ConfigError
     from backdoor_train.data import DataError
     from backdoor_train.metrics import MetricsError
     from backdoor_train.storage import StorageError
+    from backdoor_train.submit import SubmitError
 
-    bad_input = (ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError)
+    return ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError, SubmitError
 
-    args = build_parser().parse_args(argv)
-    if args.command == "submit":
-        return _submit(args, bad_input)
-    if args.command == "stage-data":
-        from backdoor_train.datasource import stage_data
 
-        if not args.dest.startswith("s3://"):
-            print(f"backdoor-train: error: dest must be an s3:// URI (got {args.dest!r})", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        try:
-            stage_data(args.source, args.dest, log=lambda msg: print(f"backdoor-train: {msg}", flush=True),
-                       create_bucket=args.create_bucket)
-        except bad_input as exc:
-            print(f"backdoor-train: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return 0
-    try:
-        cfg = _preflight(args)
-    except bad_input as exc:
-        print(f"backdoor-train: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+def _preflight(cfg: Any, resuming_check: bool) -> Any:
+    """Everything that can be checked without Ray: data root, storage, endpoints, earlier runs."""
+    from backdoor_train.datasource import resolve_data_root
+    from backdoor_train.experiment import absolute_paths, check_existing_run
+    from backdoor_train.metrics import make_run_metrics
+    from backdoor_train.storage import open_storage
 
-    if args.command == "check":
-        print(f"{args.config}: OK (experiment {cfg.name!r}, variants {', '.join(cfg.variants)})")
-        return 0
+    cfg = absolute_paths(cfg)
+    resolve_data_root(cfg)
+    storage = open_storage(cfg.storage)
+    storage.check()
+    if resuming_check:
+        check_existing_run(cfg, storage, log=lambda msg: None)  # run_experiment says it again
+    make_run_metrics(cfg, run_id="preflight").check()
+    return cfg
 
+
+def _ray_init(address: Optional[str]) -> None:
     import ray
 
+    from backdoor_train.submit import SubmitError
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except Exception as exc:  # ConnectionError and friends, depending on the address form
+        raise SubmitError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from backdoor_train.config import load_config
+
+    cfg = _preflight(load_config(args.config, args.overrides), resuming_check=False)
+    print(f"{args.config}: OK (experiment {cfg.name!r}, variants {', '.join(cfg.variants)})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from backdoor_train.config import load_config
     from backdoor_train.experiment import run_experiment
     from backdoor_train.summary import format_results
 
-    try:
-        ray.init(address=args.address, log_to_driver=True)
-    except Exception as exc:  # ConnectionError and friends, depending on the address form
-        print(f"backdoor-train: error: cannot reach the Ray cluster at {args.address!r}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        results = run_experiment(cfg, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
-    except bad_input as exc:
-        print(f"backdoor-train: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        print(f"backdoor-train: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    cfg = _preflight(load_config(args.config, args.overrides), resuming_check=True)
+    _ray_init(args.address)
+    results = _running(lambda: run_experiment(cfg, log=_say))
     print(json.dumps(results, indent=1) if args.json else "\n" + format_results(results), flush=True)
     return 0
 
 
-def _submit(args: argparse.Namespace, bad_input: tuple) -> int:
-    from backdoor_train.submit import SubmitError, submit
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from backdoor_train.sweep import format_summary, load_sweep, run_sweep
 
+    sweep = load_sweep(args.config, args.overrides)
+    _preflight(sweep.base, resuming_check=False)
+    _ray_init(args.address)
+    summary = _running(lambda: run_sweep(sweep, log=_say))
+    print("\n" + format_summary(summary) + f"\n\nsummary: {summary['summary_uri']}", flush=True)
+    return EXIT_FAILED if summary["failures"] else 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from backdoor_train.config import load_config
+    from backdoor_train.defense import run_detection
+
+    cfg = _preflight(load_config(args.config, args.overrides), resuming_check=False)
+    if args.retrain:
+        _ray_init(args.address)
+    report = _running(lambda: run_detection(cfg, retrain=args.retrain, log=_say))
+    _say(f"detection results: {report['detection_uri']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from backdoor_train.config import load_config
+    from backdoor_train.experiment import absolute_paths
+    from backdoor_train.report import experiment_report, sweep_report
+    from backdoor_train.storage import StorageError, open_storage
+    from backdoor_train.sweep import SUMMARY_KEY, load_sweep
+
+    with open(args.config, encoding="utf-8") as fh:
+        is_sweep = isinstance(data := yaml.safe_load(fh), dict) and "grid" in data
     try:
-        _, status = submit(args.config, args.address, args.overrides, upload=not args.no_upload,
-                           wait=not args.no_wait, log=lambda msg: print(f"backdoor-train: {msg}", flush=True))
-    except (*bad_input, SubmitError) as exc:
+        if is_sweep:
+            sweep = load_sweep(args.config, args.overrides)
+            storage = open_storage(dataclasses.replace(
+                sweep.base.storage, path=sweep.base.storage.path.rstrip("/") + "/" + sweep.name))
+            name, page = sweep.name, sweep_report(sweep, storage, json.loads(storage.read_text(SUMMARY_KEY)))
+            storage.write_text("report.html", page)
+        else:
+            cfg = absolute_paths(load_config(args.config, args.overrides))
+            storage = open_storage(cfg.storage)
+            name, page = cfg.name, experiment_report(cfg, storage)
+            storage.write_text(f"{cfg.name}/report.html", page)
+    except StorageError as exc:
+        raise StorageError(f"{exc} (has {args.config} been run?)") from None
+    out = args.out or f"{name}-report.html"
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    _say(f"report written to {out} ({len(page) // 1024} KiB)")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from backdoor_train.submit import submit
+
+    _, status = submit(args.config, args.address, args.overrides, upload=not args.no_upload,
+                       wait=not args.no_wait, log=_say)
+    return 0 if status in (None, "SUCCEEDED") else EXIT_FAILED
+
+
+def _cmd_stage_data(args: argparse.Namespace) -> int:
+    from backdoor_train.datasource import stage_data
+    from backdoor_train.storage import StorageError
+
+    if not args.dest.startswith("s3://"):
+        raise StorageError(f"dest must be an s3:// URI (got {args.dest!r})")
+    stage_data(args.source, args.dest, log=_say, create_bucket=args.create_bucket)
+    return 0
+
+
+class _RunFailed(Exception):
+    pass
+
+
+def _running(fn: Callable[[], Any]) -> Any:
+    """Bad input found late is still bad input (exit 2); anything else is a failed run (exit 1)."""
+    try:
+        return fn()
+    except _bad_input_errors():
+        raise
+    except Exception as exc:
+        raise _RunFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+COMMANDS = {"check": _cmd_check, "run": _cmd_run, "sweep": _cmd_sweep, "detect": _cmd_detect,
+            "report": _cmd_report, "submit": _cmd_submit, "stage-data": _cmd_stage_data}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _bad_input_errors() as exc:
         print(f"backdoor-train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0 if status in (None, "SUCCEEDED") else EXIT_FAILED
+    except FileNotFoundError as exc:
+        print(f"backdoor-train: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except _RunFailed as exc:
+        print(f"backdoor-train: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from backdoor_train.config import ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.metrics import make_run_metrics
-from backdoor_train.poison import build_poisoned, dataset_sha256
+from backdoor_train.poison import build_poisoned
 from backdoor_train.storage import Storage, open_storage
 from backdoor_train.train import restore_model, train_loop_per_worker
 
@@ -80,7 +80,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _fit_variant(cfg: ExperimentConfig, variant: str, storage: Storage, run_id: str,
-                 train_sha256: str, n_poisoned: int) -> Any:
+                 train_sha256: str, n_poisoned: int, exclude: tuple[int, ...] = ()) -> Any:
     """Train one variant on Ray; return its final ``ray.train.Checkpoint``."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -92,7 +92,8 @@ def _fit_variant(cfg: ExperimentConfig, variant: str, storage: Storage, run_id: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "variant": variant, "run_id": run_id,
-                           "train_sha256": train_sha256, "n_poisoned": n_poisoned},
+                           "train_sha256": train_sha256, "n_poisoned": n_poisoned,
+                           "exclude": list(exclude)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -183,13 +184,3 @@ def _push(log: Callable[[str], None], fn: Callable[..., None], *args: Any) -> No
         fn(*args)
     except Exception as exc:
         log(f"WARNING: pushing metrics failed: {exc}")
-
-
-def load_results(storage: Storage, name: str) -> dict[str, Any]:
-    return json.loads(storage.read_text(f"{name}/{RESULTS_KEY}"))
-
-
-def poisoned_train_sha(cfg: ExperimentConfig) -> str:  # used by tests and the bench
-    train, _ = load_splits(cfg)
-    return dataset_sha256(build_poisoned(train, cfg.poison, cfg.seed)[0])
-

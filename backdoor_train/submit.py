@@ -27,6 +27,7 @@ class SubmitError(RuntimeError):
     """The Ray cluster cannot be reached or refused the job."""
 
 
+
 def submit(config_path: str, address: str, overrides: list[str], upload: bool = True, wait: bool = True,
            log: Callable[[str], None] = print, poll_seconds: float = 2.0) -> tuple[str, Optional[str]]:
     """Submit; return (job id, final status or None when not waiting)."""

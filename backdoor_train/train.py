@@ -61,9 +61,16 @@ def make_optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim
     return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9)
 
 
-def variant_train_set(train: MnistSplit, cfg: ExperimentConfig, variant: str) -> MnistSplit:
-    if variant == "poisoned":
+def variant_train_set(train: MnistSplit, cfg: ExperimentConfig, variant: str,
+                      exclude: tuple[int, ...] | list[int] = ()) -> MnistSplit:
+    """The training set of a variant: clean, poisoned, or poisoned minus ``exclude`` (the
+    samples a detection method flagged, for the "filtered-*" retraining variants)."""
+    if variant != "clean":
         train, _ = build_poisoned(train, cfg.poison, cfg.seed)
+    if exclude:
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[torch.as_tensor(list(exclude), dtype=torch.long)] = False
+        train = MnistSplit(train.images[keep], train.labels[keep])
     return train
 
 
@@ -88,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- data: the same tensors on every worker, checked against the driver's hash ----------
     train, test = load_splits(cfg)
-    train = variant_train_set(train, cfg, variant)
+    train = variant_train_set(train, cfg, variant, loop_config.get("exclude", ()))
     sha = dataset_sha256(train)
     if sha != loop_config["train_sha256"]:
         raise RuntimeError(f"worker {rank}: the {variant} training set hashes to {sha}, the driver's "

@@ -1,0 +1,84 @@
+"""Running detection on a finished experiment, and optionally retraining without the flagged samples.
+
+Reads the poisoned model and the poison manifest from the experiment's storage, runs both
+detection methods on the training set the model saw, writes ``<name>/detection.json``. With
+``retrain``, one method's flagged samples are removed and a ``filtered-<method>`` model is
+trained with the same config on Ray; its clean accuracy and ASR are added to the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+import torch
+
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.datasource import load_splits
+from backdoor_train.detect import detect
+from backdoor_train.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.experiment import MANIFEST_KEY, _fit_variant, absolute_paths
+from backdoor_train.model import build_model
+from backdoor_train.poison import PoisonManifest, build_poisoned, dataset_sha256
+from backdoor_train.storage import StorageError, open_storage
+from backdoor_train.train import restore_model, variant_train_set
+
+DETECTION_KEY = "detection.json"
+METHODS = ("activation_clustering", "spectral_signatures")
+
+
+def run_detection(cfg: ExperimentConfig, retrain: Optional[str] = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    cfg = absolute_paths(cfg)
+    storage = open_storage(cfg.storage)
+    storage.check()
+    try:
+        manifest = PoisonManifest.from_json(storage.read_text(f"{cfg.name}/{MANIFEST_KEY}"))
+        weights = storage.read_bytes(f"{cfg.name}/poisoned/model.pt")
+    except StorageError as exc:
+        raise StorageError(f"{exc}: run the experiment with the poisoned variant first") from None
+    model = build_model(cfg.model.arch)
+    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
+
+    train, test = load_splits(cfg)
+    poisoned, rebuilt = build_poisoned(train, cfg.poison, cfg.seed)
+    if rebuilt.sha256_poisoned != manifest.sha256_poisoned:
+        raise StorageError(f"{storage.key_uri(cfg.name + '/' + MANIFEST_KEY)} describes another training set "
+                           f"than this config and data produce (sha256 differs)")
+    t0 = time.perf_counter()
+    found = detect(model, poisoned, manifest.index_set(), rate_bound=max(cfg.poison.rate, 1e-4), seed=cfg.seed)
+    log(f"detection on {len(poisoned)} training activations took {time.perf_counter() - t0:.1f}s")
+    for method, r in found.items():
+        log(f"{method}: flagged {r['flagged']}, precision {r['precision']:.2%}, recall {r['recall']:.2%}, "
+            f"FPR {r['fpr']:.3%} (chance precision {r['chance_precision']:.2%})")
+    report: dict[str, Any] = {"experiment": cfg.name, "n_poisoned": manifest.n_poisoned, "methods": found}
+
+    if retrain:
+        exclude = tuple(found[retrain]["indices"])
+        variant = f"filtered-{retrain.replace('_', '-')}"
+        filtered = variant_train_set(train, cfg, variant, exclude)
+        log(f"retraining without the {len(exclude)} samples {retrain} flagged ({len(filtered)} remain)")
+        ckpt = _fit_variant(cfg, variant, storage, uuid.uuid4().hex[:12], dataset_sha256(filtered),
+                            len(manifest.index_set() - set(exclude)), exclude)
+        with ckpt.as_directory() as ckpt_dir:
+            retrained, _ = restore_model(ckpt_dir, cfg.model.arch)
+        evaluation = full_evaluation(retrained, build_eval_sets(test, cfg.poison), cfg.poison.target)
+        report["retrain"] = {"method": retrain, "variant": variant, "removed": len(exclude),
+                             "remaining_poisoned": len(manifest.index_set() - set(exclude)),
+                             "clean_accuracy": evaluation["clean_accuracy"],
+                             "attack_success_rate": evaluation["attack_success_rate"]}
+        log(f"{variant}: clean accuracy {evaluation['clean_accuracy']:.2%}, "
+            f"ASR {evaluation['attack_success_rate']:.2%}")
+    storage.write_text(f"{cfg.name}/{DETECTION_KEY}", json.dumps(report, indent=1, sort_keys=True))
+    report["detection_uri"] = storage.key_uri(f"{cfg.name}/{DETECTION_KEY}")
+    return report
+
+
+def load_model(storage: Any, name: str, variant: str, arch: str) -> torch.nn.Module:
+    model = build_model(arch)
+    model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(f"{name}/{variant}/model.pt")),
+                                     map_location="cpu"))
+    return model

@@ -1,0 +1,93 @@
+"""Sweeps on a real local Ray cluster, detection with retraining, and the HTML reports."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from backdoor_train.cli import EXIT_BAD_INPUT, main
+from backdoor_train.config import ConfigError
+from backdoor_train.report import SECTIONS
+from backdoor_train.sweep import load_sweep
+
+from conftest import REPO_ROOT
+
+
+def _sweep_file(tmp_path, mnist_root, grid, **extra):
+    base = {"name": "base", "data": {"root": mnist_root, "train_samples": 3000, "test_samples": 1000},
+            "train": {"epochs": 2, "batch_size": 100, "lr": 0.002}, "variants": ["poisoned"],
+            "scaling": {"num_workers": 1}, "storage": {"path": str(tmp_path / "runs")}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny-sweep", "base": "base.yaml", "grid": grid, **extra}))
+    return path
+
+
+def test_the_shipped_sweeps_load():
+    rate = load_sweep(f"{REPO_ROOT}/jobs/rate_sweep.yaml")
+    assert [t.poison.rate for t in rate.trials][::2] == [0.0, 0.0005, 0.001, 0.005, 0.01, 0.02]
+    assert {t.seed for t in rate.trials} == {1, 2} and len({t.name for t in rate.trials}) == 12
+    kinds = {t.poison.trigger.kind for t in load_sweep(f"{REPO_ROOT}/jobs/trigger_sweep.yaml").trials}
+    assert kinds == {"pixel", "patch", "blend"}
+
+
+@pytest.mark.parametrize("grid, extra, message", [
+    ({"poison.rate": [0.1, 3]}, {}, "poison.rate must be in [0, 1]"),
+    ({"poison.rate": []}, {}, "sweep grid must map dotted keys to non-empty lists"),
+    ({"poison.rate": [0.1]}, {"max_concurrent": 0}, "max_concurrent must be an integer >= 1"),
+    ({"poison.rate": [0.1]}, {"parallel": 3}, "unknown key parallel"),
+    ({"poison.ratio": [0.1]}, {}, "unknown key poison.ratio"),
+])
+def test_bad_sweeps_are_refused(tmp_path, mnist_root, grid, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_sweep(str(_sweep_file(tmp_path, mnist_root, grid, **extra)))
+
+
+@pytest.mark.integration
+def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
+    path = _sweep_file(tmp_path, mnist_root, {"poison.rate": [0.0, 0.1], "seed": [1, 2]}, max_concurrent=2)
+    assert main(["sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sweep tiny-sweep: mean ± std" in out
+    summary = json.loads((tmp_path / "runs" / "tiny-sweep" / "summary.json").read_text())
+    assert len(summary["trials"]) == 4 and not summary["failures"]
+    groups = {g["point"]["poison.rate"]: g for g in summary["groups"]}
+    assert set(groups) == {0.0, 0.1}
+    assert groups[0.1]["n_poisoned"] == 300 and groups[0.0]["n_poisoned"] == 0
+    for g in groups.values():
+        assert g["variants"]["poisoned"]["attack_success_rate"]["n"] == 2
+    for trial in summary["trials"]:
+        folder = tmp_path / "runs" / "tiny-sweep" / trial["name"]
+        assert (folder / "results.json").is_file() and (folder / "poison_manifest.json").is_file()
+
+    # Detection (+ retraining without the flagged samples) on the most poisoned trial.
+    trial = next(t["name"] for t in summary["trials"] if t["point"]["poison.rate"] == 0.1 and t["seed"] == 1)
+    trial_cfg = tmp_path / "trial.yaml"
+    cfg = json.loads((tmp_path / "runs" / "tiny-sweep" / trial / "results.json").read_text())["config"]
+    trial_cfg.write_text(yaml.safe_dump(cfg))
+    assert main(["detect", str(trial_cfg), "--retrain", "spectral_signatures"]) == 0
+    detection = json.loads((tmp_path / "runs" / "tiny-sweep" / trial / "detection.json").read_text())
+    assert set(detection["methods"]) == {"activation_clustering", "spectral_signatures"}
+    assert detection["retrain"]["removed"] == detection["methods"]["spectral_signatures"]["flagged"]
+    assert 0.0 <= detection["retrain"]["attack_success_rate"] <= 1.0
+
+    # Reports: the sweep's and the single experiment's, every section present, plots inlined.
+    for source, out_name in ((path, "sweep.html"), (trial_cfg, "trial.html")):
+        assert main(["report", str(source), "--out", str(tmp_path / out_name)]) == 0
+        page = (tmp_path / out_name).read_text()
+        for section in SECTIONS:
+            assert f"<h2>{section}</h2>" in page, (out_name, section)
+        assert page.count("data:image/png;base64,") >= 4
+    assert "Line: mean over seeds" in (tmp_path / "sweep.html").read_text()
+    assert "spectral_signatures" in (tmp_path / "trial.html").read_text()
+
+
+def test_report_of_a_run_that_never_ran(tmp_path, mnist_root, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "never", "data": {"root": mnist_root},
+                                    "storage": {"path": str(tmp_path / "runs")}}))
+    assert main(["report", str(path)]) == EXIT_BAD_INPUT
+    assert "has" in capsys.readouterr().err

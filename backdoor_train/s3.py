@@ -91,6 +91,8 @@ class S3Settings:
             "region": self.region,
             "connect_timeout": 5,
             "request_timeout": 60,
+            # Used in this process; pickled copies (Ray's workers) fall back to pyarrow's default,
+            # which is the same standard strategy with 3 attempts.
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
         }
         if self.access_key:

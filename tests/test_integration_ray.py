@@ -17,20 +17,14 @@ from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.model import build_model
 from backdoor_train.poison import select_poison_indices
 
+from conftest import small_config
+
 pytestmark = pytest.mark.integration
 
 
 def test_cli_trains_clean_and_poisoned_with_two_workers(tmp_path, mnist_root):
     runs = tmp_path / "runs"
-    cfg = {
-        "name": "tiny",
-        "seed": 1,
-        "data": {"root": mnist_root, "train_samples": 6000, "test_samples": 2000},
-        "train": {"epochs": 3, "batch_size": 200, "lr": 0.002},
-        "poison": {"rate": 0.05, "target": 8},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "storage": {"path": str(runs)},
-    }
+    cfg = small_config(mnist_root, str(runs), train={"epochs": 3}).to_dict()
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

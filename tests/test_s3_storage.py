@@ -142,3 +142,16 @@ def test_stage_data_can_create_its_bucket(s3_env, s3_server, mnist_root):
     assert "mnist/mnist_manifest.json" in bucket_keys(s3_server, bucket)
     # Creating it again is a no-op.
     assert main(["stage-data", f"s3://{bucket}/mnist", "--source", mnist_root, "--create-bucket"]) == 0
+
+
+def test_both_clients_retry_transient_errors_with_backoff():
+    settings = S3Settings.from_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "BACKDOOR_TRAIN_S3_MAX_ATTEMPTS": "7",
+                                    "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    retries = settings.boto3_client().meta.config.retries
+    assert retries["mode"] == "standard" and retries["total_max_attempts"] == 7
+    # pyarrow's filesystem goes to the workers pickled: endpoint and scheme must survive that.
+    kwargs = settings.pyarrow_fs().__reduce__()[1][0]
+    assert (kwargs["endpoint_override"], kwargs["scheme"], kwargs["force_virtual_addressing"]) == \
+        ("127.0.0.1:9", "http", False)
+    with pytest.raises(StorageError, match="BACKDOOR_TRAIN_S3_MAX_ATTEMPTS must be an integer"):
+        S3Settings.from_env({"BACKDOOR_TRAIN_S3_MAX_ATTEMPTS": "many"})

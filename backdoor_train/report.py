@@ -73,7 +73,7 @@ def _acc_vs_asr(variants: dict[str, dict[str, Any]]) -> str:
     ax.bar([x + 0.2 for x in xs], [variants[n]["attack_success_rate"] for n in names], 0.4, label="ASR")
     ax.set_xticks(list(xs), names)
     ax.set_ylim(0, 1.05)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 

@@ -111,7 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch, history, ckpt_suffix = 0, [], ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        log = (lambda msg: print(f"[{variant}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+        log = (lambda msg: print(f"[{cfg.name}/{variant}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
         state, used, fell_back = load_with_fallback(checkpoint, log)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -153,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(epoch_metrics)
         metrics.observe_epoch(epoch_metrics, seen)
         if rank == 0:
-            print(f"[{variant}] epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_metrics['train_loss']:.4f}  "
+            print(f"[{cfg.name}/{variant}] epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_metrics['train_loss']:.4f}  "
                   f"test acc {epoch_metrics['test_accuracy']:.2%}  ASR {epoch_metrics['attack_success_rate']:.2%}  "
                   f"{train_seconds:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s", flush=True)
 

@@ -34,7 +34,7 @@ def test_cli_trains_clean_and_poisoned_with_two_workers(tmp_path, mnist_root):
     assert proc.returncode == 0, out[-4000:]
     for variant in ("clean", "poisoned"):
         for epoch in (1, 2, 3):
-            assert f"[{variant}] epoch {epoch}/3" in out, "progress lines are shown while it runs"
+            assert f"[tiny/{variant}] epoch {epoch}/3" in out, "progress lines are shown while it runs"
     assert "per-class clean accuracy" in out
 
     results = json.loads((runs / "tiny" / "results.json").read_text())

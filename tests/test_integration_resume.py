@@ -86,7 +86,7 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     out = capfd.readouterr().out
     assert "pid" in killed, "the worker was never killed"
     resumed = [int(line.split("resuming after epoch ")[1].split()[0])
-               for line in out.splitlines() if "[poisoned] resuming after epoch" in line]
+               for line in out.splitlines() if "/poisoned] resuming after epoch" in line]
     assert resumed, out[-3000:]
     # At most one checkpoint interval is lost: it resumes from the newest checkpoint it had.
     assert resumed[0] >= killed["checkpoints"]
@@ -102,7 +102,7 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     more = run_experiment(_cfg(mnist_root, bucket, "steady", epochs=4))
     out = capfd.readouterr().out
     assert "checkpoint_epoch_0003" in out and "falling back to the previous checkpoint" in out
-    assert "[poisoned] resuming after epoch 2" in out
+    assert "[steady/poisoned] resuming after epoch 2" in out
     assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
 
     # 4. Every checkpoint corrupt: the CLI refuses before any training, exit status 2.

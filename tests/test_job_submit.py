@@ -68,7 +68,7 @@ def test_ray_job_submit_runs_an_experiment(ray_head, tmp_path, mnist_root):
                           capture_output=True, text=True, timeout=900, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "succeeded" in out.lower() and "[poisoned] epoch 2/2" in out
+    assert "succeeded" in out.lower() and "[submitted/poisoned] epoch 2/2" in out
     results = json.loads((tmp_path / "runs" / "submitted" / "results.json").read_text())
     assert set(results["variants"]) == {"poisoned"} and results["variants"]["poisoned"]["clean_accuracy"] > 0.8
 
@@ -77,7 +77,7 @@ def test_backdoor_train_submit_uploads_the_resolved_config(ray_head, tmp_path, m
     path = _experiment(tmp_path, mnist_root, "via-cli", ["clean"])
     assert main(["submit", str(path), "--address", ray_head, "--set", "train.epochs=1"]) == 0
     out = capsys.readouterr().out
-    assert "SUCCEEDED" in out and "[clean] epoch 1/1" in out
+    assert "SUCCEEDED" in out and "[via-cli/clean] epoch 1/1" in out
     results = json.loads((tmp_path / "runs" / "via-cli" / "results.json").read_text())
     assert [h["epoch"] for h in results["variants"]["clean"]["history"]] == [1]
 

@@ -258,3 +258,25 @@ def test_experiment_configs_in_the_manifests_load(rendered):
         cfg = _experiment(docs)
         assert cfg.data.root.startswith("s3://") and cfg.storage.path.startswith("s3://")
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.poison.rate, cfg.poison.target) == (10, 500, 0.01, 8)
+
+
+def test_images_and_ci_install_the_same_pinned_versions():
+    from importlib.metadata import version
+
+    pins = {}
+    for line in open(os.path.join(REPO_ROOT, "constraints.txt")):
+        line = line.split("#")[0].strip()
+        if line:
+            name, ver = line.split("==")
+            pins[name] = ver
+    deps = {re.split(r"[\[=<>]", d)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
+    assert set(pins) <= deps
+    for name in ("torch", "torchvision", "ray"):
+        assert pins[name] == PINS[name]
+    for flavor in ("cpu", "gpu"):
+        text = open(os.path.join(REPO_ROOT, "docker", f"Dockerfile.{flavor}")).read()
+        assert "pip install --no-cache-dir -c constraints.txt ." in text
+    assert "-c constraints.txt" in open(os.path.join(REPO_ROOT, "scripts", "setup.sh")).read()
+    # This environment was installed the way CI installs: it holds exactly those versions.
+    for name, ver in pins.items():
+        assert version(name).split("+")[0] == ver, name

@@ -1,0 +1,27 @@
+"""Prints a sweep's summary.json as a Markdown table (for docs/RESULTS.md).
+
+    python scripts/results_table.py runs/rate-sweep/summary.json
+"""
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    summary = json.load(open(path))
+    keys = list(summary["groups"][0]["point"])
+    print("| " + " | ".join(keys) + " | poisoned images | seeds | clean accuracy (mean ± std) | ASR (mean ± std) | ASR per seed |")
+    print("|" + " --- |" * (len(keys) + 5))
+    trials = {t["name"]: t for t in summary["trials"]}
+    for g in sorted(summary["groups"], key=lambda g: json.dumps(g["point"], sort_keys=True)):
+        for variant, f in g["variants"].items():
+            acc, asr = f["clean_accuracy"], f["attack_success_rate"]
+            per_seed = ", ".join(f"s{trials[t]['seed']}: {trials[t]['variants'][variant]['attack_success_rate']:.2%}"
+                                 for t in sorted(g["trials"], key=lambda t: trials[t]["seed"]))
+            point = " | ".join(str(g["point"][k]) for k in keys)
+            print(f"| {point} | {g['n_poisoned']} | {acc['n']} | {acc['mean']:.2%} ± {acc['std']:.2%} | "
+                  f"{asr['mean']:.2%} ± {asr['std']:.2%} | {per_seed} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -107,6 +107,8 @@ def _ray_init(address: Optional[str]) -> None:
 
     from backdoor_train.submit import SubmitError
 
+    if ray.is_initialized():  # several commands in one process (tests, notebooks) share one session
+        return
     try:
         ray.init(address=address, log_to_driver=True)
     except Exception as exc:  # ConnectionError and friends, depending on the address form

@@ -21,6 +21,7 @@ from backdoor_train.config import load_config
 from backdoor_train.experiment import absolute_paths
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_SECONDS = 120
 
 
 class SubmitError(RuntimeError):
@@ -44,11 +45,18 @@ def submit(config_path: str, address: str, overrides: list[str], upload: bool = 
     else:
         entrypoint = "backdoor-train run " + shlex.quote(config_path) + "".join(
             " --set " + shlex.quote(o) for o in overrides)
-    try:
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    except Exception as exc:  # connection errors come in several types
-        raise SubmitError(f"cannot submit to the Ray cluster at {address}: {exc}") from None
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except Exception as exc:  # connection errors come in several types
+            # Right after `ray start` the dashboard answers before its job agent has registered.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise SubmitError(f"cannot submit to the Ray cluster at {address}: {exc}") from None
     log(f"submitted job {job_id} to {address}: {entrypoint}")
     if not wait:
         return job_id, None

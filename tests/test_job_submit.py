@@ -42,6 +42,20 @@ def ray_head(tmp_path_factory):
                 proc.kill()
                 pytest.fail("ray start --head did not bring up the dashboard")
             time.sleep(1)
+    # The dashboard answers before the job agent has registered; a first job proves both are up.
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    while True:
+        try:
+            probe = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline + 120:
+                raise
+            time.sleep(2)
+    while str(client.get_job_status(probe)).split(".")[-1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(1)
     yield address
     proc.terminate()
     try:

@@ -32,36 +32,41 @@ def ray_head(tmp_path_factory):
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
                              f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
+    try:
+        _wait_until_jobs_run(address, proc)
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_until_jobs_run(address: str, proc: subprocess.Popen) -> None:
+    """The dashboard answers before its job agent has registered; a first job proves both are up."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 240
     while True:
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                 break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
                 pytest.fail("ray start --head did not bring up the dashboard")
             time.sleep(1)
-    # The dashboard answers before the job agent has registered; a first job proves both are up.
-    from ray.job_submission import JobSubmissionClient
-
     client = JobSubmissionClient(address)
     while True:
         try:
             probe = client.submit_job(entrypoint="true")
             break
         except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline + 120:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(2)
     while str(client.get_job_status(probe)).split(".")[-1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(1)
-    yield address
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _experiment(tmp_path, mnist_root, name, variants):

@@ -75,12 +75,13 @@ def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
     assert 0.0 <= detection["retrain"]["attack_success_rate"] <= 1.0
 
     # Reports: the sweep's and the single experiment's, every section present, plots inlined.
-    for source, out_name in ((path, "sweep.html"), (trial_cfg, "trial.html")):
+    # (curves, accuracy vs ASR, examples; the sweep adds ASR vs rate)
+    for source, out_name, plots in ((path, "sweep.html", 4), (trial_cfg, "trial.html", 3)):
         assert main(["report", str(source), "--out", str(tmp_path / out_name)]) == 0
         page = (tmp_path / out_name).read_text()
         for section in SECTIONS:
             assert f"<h2>{section}</h2>" in page, (out_name, section)
-        assert page.count("data:image/png;base64,") >= 4
+        assert page.count("data:image/png;base64,") == plots, out_name
     assert "Line: mean over seeds" in (tmp_path / "sweep.html").read_text()
     assert "spectral_signatures" in (tmp_path / "trial.html").read_text()
 

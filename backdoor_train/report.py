@@ -185,7 +185,7 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
                 asr = [g["variants"][variant]["attack_success_rate"] for g in groups]
                 ax.errorbar(rates, [a["mean"] for a in asr],
                             yerr=[[a["mean"] - a["min"] for a in asr], [a["max"] - a["mean"] for a in asr]],
-                            marker="o", capsize=3, label=f"{other} {variant}")
+                            marker="o", capsize=3, label=variant if other == "{}" else f"{other} {variant}")
                 for g in groups:  # every seed's own figure
                     for t in g["trials"]:
                         ax.scatter([g["point"]["poison.rate"] * 100],

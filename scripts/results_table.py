@@ -13,7 +13,8 @@ def main(path: str) -> None:
     print("| " + " | ".join(keys) + " | poisoned images | seeds | clean accuracy (mean ± std) | ASR (mean ± std) | ASR per seed |")
     print("|" + " --- |" * (len(keys) + 5))
     trials = {t["name"]: t for t in summary["trials"]}
-    for g in sorted(summary["groups"], key=lambda g: json.dumps(g["point"], sort_keys=True)):
+    for g in sorted(summary["groups"], key=lambda g: [(isinstance(v, str), str(v) if isinstance(v, str) else v)
+                                                      for v in g["point"].values()]):
         for variant, f in g["variants"].items():
             acc, asr = f["clean_accuracy"], f["attack_success_rate"]
             per_seed = ", ".join(f"s{trials[t]['seed']}: {trials[t]['variants'][variant]['attack_success_rate']:.2%}"

@@ -62,6 +62,11 @@ def save_state(directory: str, *, model: torch.nn.Module, optimizer: torch.optim
     return len(data) + len(digest) + 1
 
 
+def checksum_matches(data: bytes, recorded: str) -> bool:
+    """Whether ``data`` is what the checksum file (its contents: ``recorded``) vouches for."""
+    return hashlib.sha256(data).hexdigest() == recorded.strip()
+
+
 def load_state(directory: str, map_location: Optional[str | torch.device] = "cpu") -> dict[str, Any]:
     """Read and verify a checkpoint directory's state."""
     state_path = os.path.join(directory, STATE_FILE)
@@ -73,8 +78,8 @@ def load_state(directory: str, map_location: Optional[str | torch.device] = "cpu
             expected = fh.read().strip()
     except OSError as exc:
         raise CorruptCheckpointError(f"checkpoint {directory}: {exc}") from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
+    if not checksum_matches(data, expected):
+        actual = hashlib.sha256(data).hexdigest()
         raise CorruptCheckpointError(
             f"checkpoint {directory}: {STATE_FILE} has sha256 {actual[:16]}…, "
             f"its checksum file says {expected[:16]}…")
@@ -146,7 +151,7 @@ def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None
             log(f"WARNING: checkpoint {storage.key_uri(directory)} is incomplete ({exc}); "
                 f"falling back to the previous checkpoint")
             continue
-        if hashlib.sha256(data).hexdigest() == expected:
+        if checksum_matches(data, expected):
             return directory
         problems.append(f"{storage.key_uri(directory)}: checksum mismatch")
         log(f"WARNING: checkpoint {storage.key_uri(directory)} does not match its checksum; "

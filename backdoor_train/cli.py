@@ -159,8 +159,6 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import yaml
 
     from backdoor_train.config import load_config
@@ -174,8 +172,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         if is_sweep:
             sweep = load_sweep(args.config, args.overrides)
-            storage = open_storage(dataclasses.replace(
-                sweep.base.storage, path=sweep.base.storage.path.rstrip("/") + "/" + sweep.name))
+            storage = sweep.storage()
             name, page = sweep.name, sweep_report(sweep, storage, json.loads(storage.read_text(SUMMARY_KEY)))
             storage.write_text("report.html", page)
         else:

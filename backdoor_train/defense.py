@@ -24,7 +24,7 @@ from backdoor_train.experiment import MANIFEST_KEY, _fit_variant, absolute_paths
 from backdoor_train.model import build_model
 from backdoor_train.poison import PoisonManifest, build_poisoned, dataset_sha256
 from backdoor_train.storage import StorageError, open_storage
-from backdoor_train.train import restore_model, variant_train_set
+from backdoor_train.train import restore_model, without
 
 DETECTION_KEY = "detection.json"
 METHODS = ("activation_clustering", "spectral_signatures")
@@ -59,7 +59,7 @@ def run_detection(cfg: ExperimentConfig, retrain: Optional[str] = None,
     if retrain:
         exclude = tuple(found[retrain]["indices"])
         variant = f"filtered-{retrain.replace('_', '-')}"
-        filtered = variant_train_set(train, cfg, variant, exclude)
+        filtered = without(poisoned, exclude)  # what the worker loop rebuilds for this variant
         log(f"retraining without the {len(exclude)} samples {retrain} flagged ({len(filtered)} remain)")
         ckpt = _fit_variant(cfg, variant, storage, uuid.uuid4().hex[:12], dataset_sha256(filtered),
                             len(manifest.index_set() - set(exclude)), exclude)

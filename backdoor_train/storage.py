@@ -44,14 +44,6 @@ class Storage:
         """Keys below ``prefix`` (recursively), relative to the root, sorted."""
         raise NotImplementedError
 
-    def download_dir(self, prefix: str, local_dir: str) -> None:
-        """Copy every key below ``prefix`` into ``local_dir``, keeping the relative layout."""
-        for key in self.list(prefix):
-            rel = key[len(prefix):].lstrip("/")
-            dest = os.path.join(local_dir, *rel.split("/"))
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            _atomic_write_local(dest, self.read_bytes(key))
-
     def ray_storage(self) -> tuple[str, Optional[Any]]:
         """(storage_path, storage_filesystem) for ray.train.RunConfig."""
         raise NotImplementedError

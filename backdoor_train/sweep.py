@@ -19,7 +19,6 @@ and max of clean accuracy and ASR.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -31,7 +30,7 @@ import yaml
 
 from backdoor_train.config import ConfigError, ExperimentConfig, _apply_override, load_config
 from backdoor_train.experiment import absolute_paths
-from backdoor_train.storage import open_storage
+from backdoor_train.storage import Storage, open_storage
 
 SUMMARY_KEY = "summary.json"
 
@@ -43,6 +42,10 @@ class SweepConfig:
     grid: dict[str, list[Any]]
     max_concurrent: int = 2
     trials: list[ExperimentConfig] = field(default_factory=list)
+
+    def storage(self) -> Storage:
+        """The sweep's folder: every trial's ``storage.path``, and where the summary goes."""
+        return open_storage(self.trials[0].storage)
 
 
 def _short(value: Any) -> str:
@@ -110,8 +113,7 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> dict[st
     """Run every trial (as Ray tasks launching TorchTrainers) and write the summary."""
     import ray
 
-    storage = open_storage(dataclasses.replace(sweep.base.storage,
-                                               path=sweep.base.storage.path.rstrip("/") + "/" + sweep.name))
+    storage = sweep.storage()
     storage.check()
     # num_cpus=0: the task only drives its trainer; the trainer's workers hold the CPUs.
     remote = ray.remote(num_cpus=0, max_retries=0)(_run_trial)

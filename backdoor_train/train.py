@@ -67,11 +67,16 @@ def variant_train_set(train: MnistSplit, cfg: ExperimentConfig, variant: str,
     samples a detection method flagged, for the "filtered-*" retraining variants)."""
     if variant != "clean":
         train, _ = build_poisoned(train, cfg.poison, cfg.seed)
-    if exclude:
-        keep = torch.ones(len(train), dtype=torch.bool)
-        keep[torch.as_tensor(list(exclude), dtype=torch.long)] = False
-        train = MnistSplit(train.images[keep], train.labels[keep])
-    return train
+    return without(train, exclude)
+
+
+def without(split: MnistSplit, exclude: tuple[int, ...] | list[int]) -> MnistSplit:
+    """``split`` minus the samples at ``exclude`` (the split itself when there are none)."""
+    if not exclude:
+        return split
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[torch.as_tensor(list(exclude), dtype=torch.long)] = False
+    return MnistSplit(split.images[keep], split.labels[keep])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -26,6 +26,8 @@ def ray_cluster(s3_server):
 
     # Workers inherit the driver's environment, S3 settings included, as pods get them from a Secret.
     os.environ.update(s3_env_vars(s3_server))
+    if ray.is_initialized():  # a CLI test earlier in this process left its session up
+        ray.shutdown()
     ray.init(num_cpus=2, log_to_driver=True)
     yield
     ray.shutdown()

@@ -136,7 +136,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
         counts = eval_counts(unwrap(model), eval_sets, cfg.poison.target)
+        eval_seconds = time.perf_counter() - t0
         totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
         if world > 1:
             import torch.distributed as dist
@@ -151,6 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "test_accuracy": float(counts[0] / counts[1]),
             "attack_success_rate": float(counts[2] / counts[3]) if counts[3] else float("nan"),
             "epoch_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
             "worker_samples_per_second": seen / train_seconds,
             "samples_per_second": float(totals[1]) / train_seconds,
             "world_size": world,

@@ -2,13 +2,22 @@
 
     python bench/article_bench.py [jobs/article.yaml] [--epochs N] [--article-script]
 
-Runs, one after the other on an otherwise idle machine:
-  1. the experiment through Ray Train (``run_experiment``: every variant, DDP workers);
-  2. a plain loop per variant — one process, no Ray, no DDP, the same in-memory tensors,
-     batch order and model — with as many threads as one Ray worker has (the per-worker
-     baseline) and with all the CPUs the Ray workers had together (the whole-machine baseline);
+Runs, one after the other on an otherwise idle machine, per variant (interleaved so that
+drifts in the machine's speed hit all alike):
+  1. the experiment through Ray Train (``run_experiment``: DDP workers, per-epoch evaluation,
+     checkpoints);
+  2. plain loops — no Ray, no DDP, the same in-memory tensors, batch order and model:
+     a. side by side: as many plain processes at once as there are Ray workers, each with a
+        worker's threads, training on that worker's shard of every global batch. The machine
+        is as loaded as in the Ray run, so the ratio to it is what Ray and DDP cost a worker
+        (the figure the target of 0.95x is read against);
+     b. alone: one process with a worker's threads on the whole global batch, the machine
+        otherwise idle (on a machine with as many cores as workers this baseline also has
+        the cores and memory bandwidth the other workers would use);
+     c. one process with all the CPUs the Ray workers had together (the whole-machine
+        single-process baseline, with test accuracy and ASR);
   3. optionally the article's own script (torchvision dataset + ToTensor + DataLoader,
-     triggers added image by image), timed whole.
+     triggers added image by image, default memory format), timed whole.
 and prints wall times, per-epoch throughput ratios (Ray worker / plain loop) and the
 poisoning time. Nothing here is asserted: the figures are for reading.
 """
@@ -46,8 +55,10 @@ def time_poisoning(cfg: ExperimentConfig, repeats: int = 5) -> tuple[float, int]
     return statistics.median(times), manifest.n_poisoned
 
 
-def plain_loop(cfg: ExperimentConfig, variant: str, threads: int) -> dict:
-    """The same training as one Ray worker does, in this process, with no Ray and no DDP."""
+def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0, world: int = 1,
+               barrier=None) -> dict:
+    """The training one Ray worker of ``world`` does (``rank``'s shard of every global batch),
+    in this process, with no Ray and no DDP. With world 1: the whole computation, evaluated."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
@@ -57,14 +68,44 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int) -> dict:
     x, y = to_float(train.images).contiguous(memory_format=torch.channels_last), train.labels
     model = build_model(cfg.model.arch).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    if barrier is not None:
+        barrier.wait()  # side by side: start training together
     per_epoch = []
     for epoch in range(cfg.train.epochs):
         order = epoch_order(x.shape[0], cfg.seed, epoch)
         t0 = time.perf_counter()
-        _, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size)
+        _, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
         per_epoch.append(seen / (time.perf_counter() - t0))
-    evaluation = full_evaluation(model, build_eval_sets(test, cfg.poison), cfg.poison.target)
+    evaluation = (full_evaluation(model, build_eval_sets(test, cfg.poison), cfg.poison.target)
+                  if world == 1 else {})
     return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch, **evaluation}
+
+
+def _side_by_side_worker(cfg_dict: dict, variant: str, threads: int, rank: int, world: int, barrier, queue) -> None:
+    queue.put((rank, plain_loop(ExperimentConfig.from_dict(cfg_dict), variant, threads, rank, world, barrier)))
+
+
+def plain_side_by_side(cfg: ExperimentConfig, variant: str) -> dict:
+    """``num_workers`` plain processes at once, each doing one worker's share: per-epoch
+    samples/s per process, averaged over the processes."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    world, threads = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    barrier, queue = ctx.Barrier(world), ctx.Queue()
+    t_start = time.perf_counter()
+    procs = [ctx.Process(target=_side_by_side_worker, args=(cfg.to_dict(), variant, threads, r, world, barrier, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    runs = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"a side-by-side plain loop exited with {p.exitcode}")
+    per_epoch = [statistics.mean(run["samples_per_second"][e] for run in runs.values())
+                 for e in range(cfg.train.epochs)]
+    return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch}
 
 
 def article_script(cfg: ExperimentConfig) -> dict:
@@ -123,23 +164,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    # Interleaved per variant (Ray, then both plain loops) so that drifts in the machine's speed
-    # hit all three alike; the Ray runs share one cluster but get names of their own.
+    # Interleaved per variant (Ray, then the plain loops) so that drifts in the machine's speed
+    # hit all alike; the Ray runs share one cluster (its start-up counts towards the Ray total)
+    # but get names of their own.
+    t0 = time.perf_counter()
     ray.init(log_to_driver=False)
-    rows, ray_wall = [], 0.0
+    ray_wall = time.perf_counter() - t0
+    rows = []
     for variant in cfg.variants:
         one = dataclasses.replace(cfg, name=f"{cfg.name}-bench-{variant}", variants=(variant,))
         t0 = time.perf_counter()
         results = run_experiment(one, log=lambda m: print(f"  ray: {m}", flush=True))
         ray_wall += time.perf_counter() - t0
         ray_v = results["variants"][variant]
-        ray_sps = [h["worker_samples_per_second"] for h in ray_v["history"]]
-        print(f"  plain loop, {variant}, {per_worker_threads} thread(s)...", flush=True)
-        plain_w = plain_loop(cfg, variant, per_worker_threads)
+        print(f"  plain loops, {variant}: {cfg.scaling.num_workers} side by side...", flush=True)
+        side = plain_side_by_side(cfg, variant)
+        print(f"  plain loop, {variant}, {per_worker_threads} thread(s) alone...", flush=True)
+        alone = plain_loop(cfg, variant, per_worker_threads)
         print(f"  plain loop, {variant}, {all_threads} thread(s)...", flush=True)
-        plain_all = plain_loop(cfg, variant, all_threads)
-        ratios = [r / p for r, p in zip(ray_sps, plain_w["samples_per_second"])]
-        rows.append((variant, ray_v, ray_sps, plain_w, plain_all, ratios))
+        whole = plain_loop(cfg, variant, all_threads)
+        rows.append((variant, ray_v, side, alone, whole))
     ray.shutdown()
 
     article = article_script(cfg) if args.article_script else None
@@ -149,23 +193,33 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.scaling.cpus_per_worker} CPU, machine has {os.cpu_count()} CPUs")
     print(f"poisoning {n_poisoned} images "
           f"(selection, trigger, labels and two sha256 of the set; median of 5): {poison_s * 1000:.1f} ms")
-    print(f"{'run':<42} {'wall s':>8} {'samples/s/worker':>17} {'clean acc':>10} {'ASR':>8}")
-    for variant, ray_v, ray_sps, plain_w, plain_all, _ in rows:
-        print(f"{'ray ' + variant + ' (fit, incl. worker start)':<42} {ray_v['fit_seconds']:8.1f} "
-              f"{statistics.median(ray_sps):17.0f} {ray_v['clean_accuracy']:10.2%} {ray_v['attack_success_rate']:8.2%}")
-        for label, run in ((f"plain {variant}, {per_worker_threads} thread(s)", plain_w),
-                           (f"plain {variant}, {all_threads} thread(s)", plain_all)):
-            print(f"{label:<42} {run['wall']:8.1f} {statistics.median(run['samples_per_second']):17.0f} "
-                  f"{run['clean_accuracy']:10.2%} {run['attack_success_rate']:8.2%}")
+    print(f"{'run':<46} {'wall s':>8} {'samples/s/worker':>17} {'clean acc':>10} {'ASR':>8}")
+    for variant, ray_v, side, alone, whole in rows:
+        hist = ray_v["history"]
+        print(f"{'ray ' + variant + ' (fit, incl. worker start)':<46} {ray_v['fit_seconds']:8.1f} "
+              f"{statistics.median(h['worker_samples_per_second'] for h in hist):17.0f} "
+              f"{ray_v['clean_accuracy']:10.2%} {ray_v['attack_success_rate']:8.2%}")
+        for label, run in ((f"plain {variant}, {cfg.scaling.num_workers} side by side", side),
+                           (f"plain {variant}, {per_worker_threads} thread(s) alone", alone),
+                           (f"plain {variant}, {all_threads} thread(s)", whole)):
+            acc = f"{run['clean_accuracy']:10.2%} {run['attack_success_rate']:8.2%}" if "clean_accuracy" in run else ""
+            print(f"{label:<46} {run['wall']:8.1f} {statistics.median(run['samples_per_second']):17.0f} {acc}")
+        train_s = sum(h["epoch_seconds"] for h in hist)
+        eval_s = sum(h.get("eval_seconds", 0.0) for h in hist)
+        print(f"  ray {variant} fit: {train_s:.1f} s training, {eval_s:.1f} s per-epoch evaluation, "
+              f"{ray_v['fit_seconds'] - train_s - eval_s:.1f} s start-up, checkpoints and shutdown")
     print()
-    for variant, *_, ratios in rows:
-        # The first epoch carries one-off warm-up on both sides; the median is over the rest.
-        steady = ratios[1:] or ratios
-        print(f"throughput ratio per epoch, Ray worker / plain loop ({per_worker_threads} thread(s)), {variant}: "
-              + " ".join(f"{r:.2f}" for r in ratios) + f"  (median after epoch 1: {statistics.median(steady):.2f}x)")
+    for variant, ray_v, side, alone, _ in rows:
+        ray_sps = [h["worker_samples_per_second"] for h in ray_v["history"]]
+        for label, base in (("side by side", side), ("alone", alone)):
+            ratios = [r / p for r, p in zip(ray_sps, base["samples_per_second"])]
+            # The first epoch carries one-off warm-up on both sides; the median is over the rest.
+            steady = ratios[1:] or ratios
+            print(f"throughput ratio per epoch, Ray worker / plain loop {label}, {variant}: "
+                  + " ".join(f"{r:.2f}" for r in ratios) + f"  (median after epoch 1: {statistics.median(steady):.2f}x)")
     whole_plain = sum(r[4]["wall"] for r in rows)
-    print(f"whole experiment: Ray {ray_wall:.1f} s; plain loops with {all_threads} thread(s) {whole_plain:.1f} s "
-          f"(ratio {whole_plain / ray_wall:.2f}x)")
+    print(f"whole experiment: Ray {ray_wall:.1f} s (Ray start-up included); one plain process with "
+          f"{all_threads} thread(s) {whole_plain:.1f} s (plain / Ray = {whole_plain / ray_wall:.2f}x)")
     if article:
         print(f"article's own script: {article['wall']:.1f} s (Ray experiment / article = "
               f"{ray_wall / article['wall']:.2f}x)")

@@ -26,6 +26,27 @@ def test_article_cnn_shapes_and_size():
     assert sum(p.numel() for p in model.parameters()) == 416 + 12832 + 262656 + 5130
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pooling_before_relu_is_bit_identical_to_the_listing_order(memory_format):
+    torch.manual_seed(0)
+    model = build_model("article_cnn").to(memory_format=memory_format)
+    conv1, _, _, conv2, _, _, flatten, fc, _ = model.features
+    # The article's listing: ReLU before each max-pool, the same modules (so the same weights).
+    listing = nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2, 2), conv2, nn.ReLU(), nn.MaxPool2d(2, 2),
+                            flatten, fc, nn.ReLU(), model.head)
+    x = (torch.rand(64, 1, 28, 28) - 0.3).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (64,))
+    grads = []
+    for net in (model, listing):
+        net.zero_grad()
+        out = net(x)
+        F.cross_entropy(out, y).backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = grads
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
 def test_epoch_order_is_the_same_everywhere_and_shards_partition_it():
     a, b = epoch_order(1000, seed=1, epoch=3), epoch_order(1000, seed=1, epoch=3)
     assert torch.equal(a, b) and not torch.equal(a, epoch_order(1000, seed=1, epoch=4))

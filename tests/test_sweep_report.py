@@ -32,6 +32,8 @@ def test_the_shipped_sweeps_load():
     assert {t.seed for t in rate.trials} == {1, 2} and len({t.name for t in rate.trials}) == 12
     kinds = {t.poison.trigger.kind for t in load_sweep(f"{REPO_ROOT}/jobs/trigger_sweep.yaml").trials}
     assert kinds == {"pixel", "patch", "blend"}
+    seeds = load_sweep(f"{REPO_ROOT}/jobs/seed_sweep.yaml").trials
+    assert [t.seed for t in seeds] == list(range(1, 9)) and {t.poison.rate for t in seeds} == {0.01}
 
 
 @pytest.mark.parametrize("grid, extra, message", [

@@ -6,15 +6,19 @@ Runs, one after the other on an otherwise idle machine, per variant (interleaved
 drifts in the machine's speed hit all alike):
   1. the experiment through Ray Train (``run_experiment``: DDP workers, per-epoch evaluation,
      checkpoints);
-  2. plain loops — no Ray, no DDP, the same in-memory tensors, batch order and model:
+  2. plain loops — no Ray, the same in-memory tensors, batch order and model:
      a. side by side: as many plain processes at once as there are Ray workers, each with a
-        worker's threads, training on that worker's shard of every global batch. The machine
-        is as loaded as in the Ray run, so the ratio to it is what Ray and DDP cost a worker
-        (the figure the target of 0.95x is read against);
-     b. alone: one process with a worker's threads on the whole global batch, the machine
+        worker's threads, training on that worker's shard of every global batch with no
+        gradient exchange. The machine is as loaded as in the Ray run, so the ratio to it is
+        what Ray and DDP's per-step synchronisation cost a worker (the figure the target of
+        0.95x is read against);
+     b. DDP side by side: the same processes synchronised by torch's own DistributedDataParallel
+        (gloo), as the Ray workers are, but started without Ray: the ratio to it is what Ray
+        costs, and its accuracy and ASR should equal the Ray run's (the same computation);
+     c. alone: one process with a worker's threads on the whole global batch, the machine
         otherwise idle (on a machine with as many cores as workers this baseline also has
         the cores and memory bandwidth the other workers would use);
-     c. one process with all the CPUs the Ray workers had together (the whole-machine
+     d. one process with all the CPUs the Ray workers had together (the whole-machine
         single-process baseline, with test accuracy and ASR);
   3. optionally the article's own script (torchvision dataset + ToTensor + DataLoader,
      triggers added image by image, default memory format), timed whole.
@@ -39,7 +43,7 @@ from backdoor_train.data import to_float
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.experiment import absolute_paths, run_experiment
-from backdoor_train.model import build_model
+from backdoor_train.model import build_model, unwrap
 from backdoor_train.poison import build_poisoned
 from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch, variant_train_set
 
@@ -56,9 +60,11 @@ def time_poisoning(cfg: ExperimentConfig, repeats: int = 5) -> tuple[float, int]
 
 
 def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0, world: int = 1,
-               barrier=None) -> dict:
+               barrier=None, ddp_port: int | None = None) -> dict:
     """The training one Ray worker of ``world`` does (``rank``'s shard of every global batch),
-    in this process, with no Ray and no DDP. With world 1: the whole computation, evaluated."""
+    in this process, with no Ray; with ``ddp_port``, through torch's own DDP (gloo) as the Ray
+    worker does, else with no gradient exchange at all. With world 1, or with DDP on rank 0:
+    the whole computation, evaluated."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
@@ -67,6 +73,12 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
     # The same memory format as the Ray worker loop uses.
     x, y = to_float(train.images).contiguous(memory_format=torch.channels_last), train.labels
     model = build_model(cfg.model.arch).to(memory_format=torch.channels_last)
+    if ddp_port is not None:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ddp_port}", rank=rank, world_size=world)
+        # Default arguments, as ray.train.torch.prepare_model uses on CPU.
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(model, cfg)
     if barrier is not None:
         barrier.wait()  # side by side: start training together
@@ -76,25 +88,40 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
         t0 = time.perf_counter()
         _, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
         per_epoch.append(seen / (time.perf_counter() - t0))
-    evaluation = (full_evaluation(model, build_eval_sets(test, cfg.poison), cfg.poison.target)
-                  if world == 1 else {})
+    evaluation = (full_evaluation(unwrap(model), build_eval_sets(test, cfg.poison), cfg.poison.target)
+                  if world == 1 or (ddp_port is not None and rank == 0) else {})
+    if ddp_port is not None:
+        torch.distributed.destroy_process_group()
     return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch, **evaluation}
 
 
-def _side_by_side_worker(cfg_dict: dict, variant: str, threads: int, rank: int, world: int, barrier, queue) -> None:
-    queue.put((rank, plain_loop(ExperimentConfig.from_dict(cfg_dict), variant, threads, rank, world, barrier)))
+def _side_by_side_worker(cfg_dict: dict, variant: str, threads: int, rank: int, world: int, barrier, queue,
+                         ddp_port: int | None) -> None:
+    queue.put((rank, plain_loop(ExperimentConfig.from_dict(cfg_dict), variant, threads, rank, world, barrier,
+                                ddp_port)))
 
 
-def plain_side_by_side(cfg: ExperimentConfig, variant: str) -> dict:
-    """``num_workers`` plain processes at once, each doing one worker's share: per-epoch
-    samples/s per process, averaged over the processes."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plain_side_by_side(cfg: ExperimentConfig, variant: str, ddp: bool = False) -> dict:
+    """``num_workers`` plain processes at once, each doing one worker's share, independently
+    or (``ddp``) synchronised by torch's DDP: per-epoch samples/s per process, averaged over
+    the processes, and with DDP rank 0's evaluation of the trained model."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     world, threads = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
     barrier, queue = ctx.Barrier(world), ctx.Queue()
+    port = _free_port() if ddp else None
     t_start = time.perf_counter()
-    procs = [ctx.Process(target=_side_by_side_worker, args=(cfg.to_dict(), variant, threads, r, world, barrier, queue))
+    procs = [ctx.Process(target=_side_by_side_worker,
+                         args=(cfg.to_dict(), variant, threads, r, world, barrier, queue, port))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -105,7 +132,8 @@ def plain_side_by_side(cfg: ExperimentConfig, variant: str) -> dict:
             raise RuntimeError(f"a side-by-side plain loop exited with {p.exitcode}")
     per_epoch = [statistics.mean(run["samples_per_second"][e] for run in runs.values())
                  for e in range(cfg.train.epochs)]
-    return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch}
+    return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch,
+            **{k: v for k, v in runs[0].items() if k not in ("wall", "samples_per_second")}}
 
 
 def article_script(cfg: ExperimentConfig) -> dict:
@@ -179,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         ray_v = results["variants"][variant]
         print(f"  plain loops, {variant}: {cfg.scaling.num_workers} side by side...", flush=True)
         side = plain_side_by_side(cfg, variant)
+        print(f"  plain DDP, {variant}: {cfg.scaling.num_workers} processes, torch.distributed (gloo)...", flush=True)
+        ddp = plain_side_by_side(cfg, variant, ddp=True)
         print(f"  plain loop, {variant}, {per_worker_threads} thread(s) alone...", flush=True)
         alone = plain_loop(cfg, variant, per_worker_threads)
         print(f"  plain loop, {variant}, {all_threads} thread(s)...", flush=True)
         whole = plain_loop(cfg, variant, all_threads)
-        rows.append((variant, ray_v, side, alone, whole))
+        rows.append((variant, ray_v, side, ddp, alone, whole))
     ray.shutdown()
 
     article = article_script(cfg) if args.article_script else None
@@ -194,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"poisoning {n_poisoned} images "
           f"(selection, trigger, labels and two sha256 of the set; median of 5): {poison_s * 1000:.1f} ms")
     print(f"{'run':<46} {'wall s':>8} {'samples/s/worker':>17} {'clean acc':>10} {'ASR':>8}")
-    for variant, ray_v, side, alone, whole in rows:
+    for variant, ray_v, side, ddp, alone, whole in rows:
         hist = ray_v["history"]
         print(f"{'ray ' + variant + ' (fit, incl. worker start)':<46} {ray_v['fit_seconds']:8.1f} "
               f"{statistics.median(h['worker_samples_per_second'] for h in hist):17.0f} "
               f"{ray_v['clean_accuracy']:10.2%} {ray_v['attack_success_rate']:8.2%}")
         for label, run in ((f"plain {variant}, {cfg.scaling.num_workers} side by side", side),
+                           (f"plain DDP {variant}, {cfg.scaling.num_workers} processes, no Ray", ddp),
                            (f"plain {variant}, {per_worker_threads} thread(s) alone", alone),
                            (f"plain {variant}, {all_threads} thread(s)", whole)):
             acc = f"{run['clean_accuracy']:10.2%} {run['attack_success_rate']:8.2%}" if "clean_accuracy" in run else ""
@@ -209,15 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ray {variant} fit: {train_s:.1f} s training, {eval_s:.1f} s per-epoch evaluation, "
               f"{ray_v['fit_seconds'] - train_s - eval_s:.1f} s start-up, checkpoints and shutdown")
     print()
-    for variant, ray_v, side, alone, _ in rows:
+    for variant, ray_v, side, ddp, alone, _ in rows:
         ray_sps = [h["worker_samples_per_second"] for h in ray_v["history"]]
-        for label, base in (("side by side", side), ("alone", alone)):
+        for label, base in (("side by side", side), ("DDP without Ray", ddp), ("alone", alone)):
             ratios = [r / p for r, p in zip(ray_sps, base["samples_per_second"])]
             # The first epoch carries one-off warm-up on both sides; the median is over the rest.
             steady = ratios[1:] or ratios
             print(f"throughput ratio per epoch, Ray worker / plain loop {label}, {variant}: "
                   + " ".join(f"{r:.2f}" for r in ratios) + f"  (median after epoch 1: {statistics.median(steady):.2f}x)")
-    whole_plain = sum(r[4]["wall"] for r in rows)
+    whole_plain = sum(r[-1]["wall"] for r in rows)
     print(f"whole experiment: Ray {ray_wall:.1f} s (Ray start-up included); one plain process with "
           f"{all_threads} thread(s) {whole_plain:.1f} s (plain / Ray = {whole_plain / ray_wall:.2f}x)")
     if article:

@@ -95,18 +95,37 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
     return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch, **evaluation}
 
 
-def _side_by_side_worker(cfg_dict: dict, variant: str, threads: int, rank: int, world: int, barrier, queue,
-                         ddp_port: int | None) -> None:
-    queue.put((rank, plain_loop(ExperimentConfig.from_dict(cfg_dict), variant, threads, rank, world, barrier,
-                                ddp_port)))
-
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface now, for a process group's rendezvous."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(target, world: int, *args) -> dict[int, dict]:
+    """Runs ``target(*args, rank, world, queue)`` in ``world`` spawned processes at once; each
+    puts ``(rank, result)`` on the queue. Returns the results by rank."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, r, world, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"{target.__name__}: a process exited with {p.exitcode}")
+    return results
+
+
+def _side_by_side_worker(cfg_dict: dict, variant: str, threads: int, barrier, ddp_port: int | None,
+                         rank: int, world: int, queue) -> None:
+    queue.put((rank, plain_loop(ExperimentConfig.from_dict(cfg_dict), variant, threads, rank, world, barrier,
+                                ddp_port)))
 
 
 def plain_side_by_side(cfg: ExperimentConfig, variant: str, ddp: bool = False) -> dict:
@@ -115,21 +134,11 @@ def plain_side_by_side(cfg: ExperimentConfig, variant: str, ddp: bool = False) -
     the processes, and with DDP rank 0's evaluation of the trained model."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
     world, threads = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
-    barrier, queue = ctx.Barrier(world), ctx.Queue()
-    port = _free_port() if ddp else None
+    barrier = mp.get_context("spawn").Barrier(world)
+    port = free_port() if ddp else None
     t_start = time.perf_counter()
-    procs = [ctx.Process(target=_side_by_side_worker,
-                         args=(cfg.to_dict(), variant, threads, r, world, barrier, queue, port))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    runs = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join()
-        if p.exitcode != 0:
-            raise RuntimeError(f"a side-by-side plain loop exited with {p.exitcode}")
+    runs = spawn_ranks(_side_by_side_worker, world, cfg.to_dict(), variant, threads, barrier, port)
     per_epoch = [statistics.mean(run["samples_per_second"][e] for run in runs.values())
                  for e in range(cfg.train.epochs)]
     return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch,

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+# Run as a script, bench/ is on the path: the process helpers live beside the main benchmark.
+from article_bench import free_port, spawn_ranks
 from backdoor_train.config import ExperimentConfig, load_config
 from backdoor_train.data import to_float
 from backdoor_train.datasource import load_splits
@@ -42,7 +42,7 @@ from backdoor_train.train import epoch_order
 MODES = ("independent", "ddp", "ddp_one_bucket", "allreduce_after")
 
 
-def _worker(cfg_dict: dict, mode: str, epochs: int, rank: int, world: int, port: int, queue) -> None:
+def _worker(cfg_dict: dict, mode: str, epochs: int, port: int, rank: int, world: int, queue) -> None:
     cfg = ExperimentConfig.from_dict(cfg_dict)
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -101,20 +101,8 @@ def _worker(cfg_dict: dict, mode: str, epochs: int, rank: int, world: int, port:
 
 
 def run_mode(cfg: ExperimentConfig, mode: str, epochs: int) -> dict:
-    ctx = mp.get_context("spawn")
-    world, queue = cfg.scaling.num_workers, ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(cfg.to_dict(), mode, epochs, r, world, port, queue))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = [queue.get()[1] for _ in procs]
-    for p in procs:
-        p.join()
-        if p.exitcode != 0:
-            raise RuntimeError(f"{mode}: a worker process exited with {p.exitcode}")
+    """One mode on ``num_workers`` processes: each figure averaged over the processes."""
+    results = list(spawn_ranks(_worker, cfg.scaling.num_workers, cfg.to_dict(), mode, epochs, free_port()).values())
     return {k: statistics.mean(r[k] for r in results) for k in results[0]}
 
 

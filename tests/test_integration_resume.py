@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+from backdoor_train.checkpointing import checkpoint_epoch
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.experiment import run_experiment
 
@@ -75,19 +76,15 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     def committed_epoch() -> int:
         body = fresh_s3_client(s3_server).get_object(Bucket=bucket, Key=snapshot_key)["Body"].read()
         latest = json.loads(body).get("latest_checkpoint_result") or {}
-        name = latest.get("checkpoint_dir_name", "")
-        return int(name.rsplit("_", 1)[1]) if name.startswith("checkpoint_epoch_") else 0
+        return checkpoint_epoch(latest.get("checkpoint_dir_name", "")) or 0
 
     def killer():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             keys = bucket_keys(s3_server, bucket, "runs/crash/poisoned/")
             pids = _worker_pids()
-            if snapshot_key in keys and pids:
-                epoch = committed_epoch()  # read before the kill: a lower bound on what survives
-                if epoch == 0:
-                    time.sleep(0.2)
-                    continue
+            # The snapshot is read before the kill: a lower bound on what must survive it.
+            if snapshot_key in keys and pids and (epoch := committed_epoch()):
                 killed["checkpoints"] = epoch
                 os.kill(pids[-1], signal.SIGKILL)
                 killed["pid"] = pids[-1]

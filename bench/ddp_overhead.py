@@ -37,7 +37,7 @@ from backdoor_train.data import to_float
 from backdoor_train.datasource import load_splits
 from backdoor_train.experiment import absolute_paths
 from backdoor_train.model import build_model
-from backdoor_train.train import epoch_order
+from backdoor_train.train import epoch_order, make_optimizer
 
 MODES = ("independent", "ddp", "ddp_one_bucket", "allreduce_after")
 
@@ -66,7 +66,7 @@ def _worker(cfg_dict: dict, mode: str, epochs: int, port: int, rank: int, world:
         model = torch.nn.parallel.DistributedDataParallel(model)
     elif mode == "ddp_one_bucket":
         model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(model, cfg)
     rates, compute = [], []
     for epoch in range(epochs):
         order = epoch_order(x.shape[0], cfg.seed, epoch)

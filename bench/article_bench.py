@@ -106,15 +106,29 @@ def free_port() -> int:
 
 def spawn_ranks(target, world: int, *args) -> dict[int, dict]:
     """Runs ``target(*args, rank, world, queue)`` in ``world`` spawned processes at once; each
-    puts ``(rank, result)`` on the queue. Returns the results by rank."""
+    puts ``(rank, result)`` on the queue. Returns the results by rank. If one process dies
+    first, the others are stopped and this raises: they would otherwise wait for it at a
+    barrier or collective, and this for their results, forever."""
     import multiprocessing as mp
+    import queue as queue_module
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, r, world, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = dict(queue.get() for _ in procs)
+    results: dict[int, dict] = {}
+    while len(results) < world:
+        try:
+            rank, result = queue.get(timeout=1)
+            results[rank] = result
+        except queue_module.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                for p in procs:
+                    p.terminate()
+                    p.join()
+                raise RuntimeError(f"{target.__name__}: a process exited with {failed[0]}")
     for p in procs:
         p.join()
         if p.exitcode != 0:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 DETECTION_METHODS = ("activation_clustering", "spectral_signatures")
 
 
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect = sub.add_parser("detect", help="find the poisoned samples of a finished experiment")
     _add_config_args(detect)
     _add_address(detect)
-    detect.add_argument("--retrain", choices=DETECTION_METHODS,
-                        help="retrain without the samples this method flagged and measure the new ASR")
+    detect.add_argument("--retrain", choices=DETECTION_METHODS, action="append", default=[],
+                        help="retrain without the samples this method flagged and measure the new ASR "
+                             "(repeatable: the retrains run at once)")
 
     report = sub.add_parser("report", help="write an HTML report of an experiment or a sweep")
     _add_config_args(report, "the experiment or sweep YAML file the run was made with")
@@ -79,10 +81,11 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from backdoor_train.config import ConfigError
     from backdoor_train.data import DataError
     from backdoor_train.metrics import MetricsError
+    from backdoor_train.raysession import ClusterError
     from backdoor_train.storage import StorageError
     from backdoor_train.submit import SubmitError
 
-    return ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError, SubmitError
+    return ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError, SubmitError, ClusterError
 
 
 def _preflight(cfg: Any, resuming_check: bool) -> Any:
@@ -103,16 +106,9 @@ def _preflight(cfg: Any, resuming_check: bool) -> Any:
 
 
 def _ray_init(address: Optional[str]) -> None:
-    import ray
+    from backdoor_train.raysession import connect
 
-    from backdoor_train.submit import SubmitError
-
-    if ray.is_initialized():  # several commands in one process (tests, notebooks) share one session
-        return
-    try:
-        ray.init(address=address, log_to_driver=True)
-    except Exception as exc:  # ConnectionError and friends, depending on the address form
-        raise SubmitError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    connect(address)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -153,7 +149,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     cfg = _preflight(load_config(args.config, args.overrides), resuming_check=False)
     if args.retrain:
         _ray_init(args.address)
-    report = _running(lambda: run_detection(cfg, retrain=args.retrain, log=_say))
+    report = _running(lambda: run_detection(cfg, retrain=list(dict.fromkeys(args.retrain)), log=_say))
     _say(f"detection results: {report['detection_uri']}")
     return 0
 
@@ -238,6 +234,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _RunFailed as exc:
         print(f"backdoor-train: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        # Every running fit was aborted; its committed checkpoints stay, and a rerun resumes.
+        print("backdoor-train: interrupted; rerun the same command to resume from the last checkpoints",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

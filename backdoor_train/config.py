@@ -137,14 +137,22 @@ class PoisonConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
+    """Ray Train workers of one model. Every variant of an experiment is its own trainer, and
+    they run at once where the cluster holds them: 0.5 ``gpus_per_worker`` puts two on a GPU."""
+
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # with use_gpu only; a fraction shares one GPU between trainers
 
     def __post_init__(self) -> None:
         _check(self.num_workers > 0, f"scaling.num_workers must be > 0 (got {self.num_workers})")
         _check(self.cpus_per_worker > 0,
                f"scaling.cpus_per_worker must be > 0 (got {self.cpus_per_worker})")
+        g = self.gpus_per_worker
+        # Ray hands out GPU fractions only below one; above, whole GPUs.
+        _check(g > 0 and (g <= 1 or float(g).is_integer()),
+               f"scaling.gpus_per_worker must be in (0, 1] or a whole number (got {g})")
 
 
 @dataclass(frozen=True)

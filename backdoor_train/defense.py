@@ -2,8 +2,9 @@
 
 Reads the poisoned model and the poison manifest from the experiment's storage, runs both
 detection methods on the training set the model saw, writes ``<name>/detection.json``. With
-``retrain``, one method's flagged samples are removed and a ``filtered-<method>`` model is
-trained with the same config on Ray; its clean accuracy and ASR are added to the file.
+``retrain``, each named method's flagged samples are removed and a ``filtered-<method>`` model
+is trained with the same config on Ray (all at once); their clean accuracy and ASR are added
+to the file under ``retrain.<method>``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import json
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,7 +21,8 @@ from backdoor_train.config import ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.detect import detect
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.experiment import MANIFEST_KEY, _fit_variant, absolute_paths
+from backdoor_train.experiment import MANIFEST_KEY, absolute_paths
+from backdoor_train.fitting import FitSpec, fit_variants
 from backdoor_train.model import build_model
 from backdoor_train.poison import PoisonManifest, build_poisoned, dataset_sha256
 from backdoor_train.storage import StorageError, open_storage
@@ -30,7 +32,7 @@ DETECTION_KEY = "detection.json"
 METHODS = ("activation_clustering", "spectral_signatures")
 
 
-def run_detection(cfg: ExperimentConfig, retrain: Optional[str] = None,
+def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     cfg = absolute_paths(cfg)
     storage = open_storage(cfg.storage)
@@ -57,21 +59,31 @@ def run_detection(cfg: ExperimentConfig, retrain: Optional[str] = None,
     report: dict[str, Any] = {"experiment": cfg.name, "n_poisoned": manifest.n_poisoned, "methods": found}
 
     if retrain:
-        exclude = tuple(found[retrain]["indices"])
-        variant = f"filtered-{retrain.replace('_', '-')}"
-        filtered = without(poisoned, exclude)  # what the worker loop rebuilds for this variant
-        log(f"retraining without the {len(exclude)} samples {retrain} flagged ({len(filtered)} remain)")
-        ckpt = _fit_variant(cfg, variant, storage, uuid.uuid4().hex[:12], dataset_sha256(filtered),
-                            len(manifest.index_set() - set(exclude)), exclude)
-        with ckpt.as_directory() as ckpt_dir:
-            retrained, _ = restore_model(ckpt_dir, cfg.model.arch)
-        evaluation = full_evaluation(retrained, build_eval_sets(test, cfg.poison), cfg.poison.target)
-        report["retrain"] = {"method": retrain, "variant": variant, "removed": len(exclude),
-                             "remaining_poisoned": len(manifest.index_set() - set(exclude)),
-                             "clean_accuracy": evaluation["clean_accuracy"],
-                             "attack_success_rate": evaluation["attack_success_rate"]}
-        log(f"{variant}: clean accuracy {evaluation['clean_accuracy']:.2%}, "
-            f"ASR {evaluation['attack_success_rate']:.2%}")
+        # One filtered-<method> model per method, trained at once like an experiment's variants.
+        eval_sets = build_eval_sets(test, cfg.poison)
+        specs, by_variant = [], {}
+        for method in retrain:
+            exclude = tuple(found[method]["indices"])
+            variant = f"filtered-{method.replace('_', '-')}"
+            filtered = without(poisoned, exclude)  # what the worker loop rebuilds for this variant
+            log(f"retraining without the {len(exclude)} samples {method} flagged ({len(filtered)} remain)")
+            specs.append(FitSpec(variant, dataset_sha256(filtered), len(manifest.index_set() - set(exclude)),
+                                 exclude))
+            by_variant[variant] = method
+        report["retrain"] = {}
+
+        def finished(spec: FitSpec, checkpoint: Any, _timing: dict[str, float]) -> None:
+            with checkpoint.as_directory() as ckpt_dir:
+                retrained, _ = restore_model(ckpt_dir, cfg.model.arch)
+            evaluation = full_evaluation(retrained, eval_sets, cfg.poison.target)
+            report["retrain"][by_variant[spec.variant]] = {
+                "variant": spec.variant, "removed": len(spec.exclude), "remaining_poisoned": spec.n_poisoned,
+                "clean_accuracy": evaluation["clean_accuracy"],
+                "attack_success_rate": evaluation["attack_success_rate"]}
+            log(f"{spec.variant}: clean accuracy {evaluation['clean_accuracy']:.2%}, "
+                f"ASR {evaluation['attack_success_rate']:.2%}")
+
+        fit_variants(cfg, specs, storage, uuid.uuid4().hex[:12], finished, log)
     storage.write_text(f"{cfg.name}/{DETECTION_KEY}", json.dumps(report, indent=1, sort_keys=True))
     report["detection_uri"] = storage.key_uri(f"{cfg.name}/{DETECTION_KEY}")
     return report

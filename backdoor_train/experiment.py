@@ -1,4 +1,4 @@
-"""The driver: poison once, train each variant with a TorchTrainer, evaluate, write results.
+"""The driver: poison once, train the variants (at once, a TorchTrainer each), evaluate, write results.
 
 Layout under ``storage.path`` (local directory or s3://bucket/prefix)::
 
@@ -24,10 +24,11 @@ from backdoor_train.checkpointing import latest_valid_in_storage
 from backdoor_train.config import ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
 from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
 from backdoor_train.storage import Storage, open_storage
-from backdoor_train.train import restore_model, train_loop_per_worker
+from backdoor_train.train import restore_model
 
 MANIFEST_KEY = "poison_manifest.json"
 RESULTS_KEY = "results.json"
@@ -79,44 +80,10 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def _fit_variant(cfg: ExperimentConfig, variant: str, storage: Storage, run_id: str,
-                 train_sha256: str, n_poisoned: int, exclude: tuple[int, ...] = ()) -> Any:
-    """Train one variant on Ray; return its final ``ray.train.Checkpoint``."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    storage_path, filesystem = storage.ray_storage()
-    # Train V2 routes worker print() through its logger, which echoes each line twice on the
-    # console; plain prints suffice (the variable is propagated from the driver to the workers).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "variant": variant, "run_id": run_id,
-                           "train_sha256": train_sha256, "n_poisoned": n_poisoned,
-                           "exclude": list(exclude)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.name}/{variant}",
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-            # Train's INFO lines repeat every report; the worker loop prints its own progress.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{variant}: training finished without a checkpoint")
-    return result.checkpoint
-
-
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every variant of the experiment on the connected Ray cluster; return the results."""
     cfg = absolute_paths(cfg)
+    check_cluster(cfg)  # before anything is written: a config the cluster cannot hold is bad input
     storage = open_storage(cfg.storage)
     storage.check()
     check_existing_run(cfg, storage, log)
@@ -136,31 +103,34 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     eval_sets = build_eval_sets(test, cfg.poison)
 
     run_metrics = make_run_metrics(cfg, run_id)
+    log(f"training {', '.join(cfg.variants)}: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s) "
+        f"per model, global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}")
+    specs = [FitSpec(v, hashes[v], manifest.n_poisoned if v == "poisoned" else 0) for v in cfg.variants]
     variants: dict[str, Any] = {}
-    for variant in cfg.variants:
-        log(f"training the {variant} model: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s), "
-            f"global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}")
-        t0 = time.perf_counter()
-        n_poisoned = manifest.n_poisoned if variant == "poisoned" else 0
-        try:
-            checkpoint = _fit_variant(cfg, variant, storage, run_id, hashes[variant], n_poisoned)
-        except BaseException:
-            _push(log, run_metrics.variant_failed, variant)
-            raise
-        fit_seconds = time.perf_counter() - t0
+
+    def finished(spec: FitSpec, checkpoint: Any, timing: dict[str, float]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             model, state = restore_model(ckpt_dir, cfg.model.arch)
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
-        storage.write_bytes(f"{cfg.name}/{variant}/model.pt", buf.getvalue())
-        variants[variant] = {
+        storage.write_bytes(f"{cfg.name}/{spec.variant}/model.pt", buf.getvalue())
+        variants[spec.variant] = {
             **full_evaluation(model, eval_sets, cfg.poison.target),
-            "train_sha256": hashes[variant],
-            "fit_seconds": fit_seconds,
+            "train_sha256": spec.train_sha256,
+            **timing,
             "checkpoint": checkpoint.path,
             "history": state["history"],
         }
-        _push(log, run_metrics.variant_finished, variant, variants[variant], n_poisoned)
+        _push(log, run_metrics.variant_finished, spec.variant, variants[spec.variant], spec.n_poisoned)
+
+    try:
+        fit_variants(cfg, specs, storage, run_id, finished, log)
+    except BaseException:
+        for spec in specs:
+            if spec.variant not in variants:
+                _push(log, run_metrics.variant_failed, spec.variant)
+        raise
+    variants = {v: variants[v] for v in cfg.variants}  # the config's order, not the finishing order
 
     results = {
         "experiment": cfg.name,

@@ -111,9 +111,8 @@ def _detection(detection: Optional[dict[str, Any]]) -> str:
              _pct(r["chance_precision"])] for m, r in detection["methods"].items()]
     out = _table(["method", "flagged", "true positives", "precision", "recall (TPR)", "FPR",
                   "precision by chance"], rows)
-    if "retrain" in detection:
-        r = detection["retrain"]
-        out += (f"<p>Retrained without the {r['removed']} samples {html.escape(r['method'])} flagged "
+    for method, r in detection.get("retrain", {}).items():
+        out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
                 f"({r['remaining_poisoned']} poisoned left): clean accuracy {_pct(r['clean_accuracy'])}, "
                 f"ASR {_pct(r['attack_success_rate'])}.</p>")
     return out

@@ -45,6 +45,7 @@ from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.experiment import absolute_paths, run_experiment
 from backdoor_train.model import build_model, unwrap
 from backdoor_train.poison import build_poisoned
+from backdoor_train.raysession import connect
 from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch, variant_train_set
 
 
@@ -60,19 +61,20 @@ def time_poisoning(cfg: ExperimentConfig, repeats: int = 5) -> tuple[float, int]
 
 
 def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0, world: int = 1,
-               barrier=None, ddp_port: int | None = None) -> dict:
+               barrier=None, ddp_port: int | None = None, device: str = "cpu") -> dict:
     """The training one Ray worker of ``world`` does (``rank``'s shard of every global batch),
     in this process, with no Ray; with ``ddp_port``, through torch's own DDP (gloo) as the Ray
     worker does, else with no gradient exchange at all. With world 1, or with DDP on rank 0:
-    the whole computation, evaluated."""
+    the whole computation, evaluated. ``device="cuda"``: the tensor-resident GPU loop."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     train, test = load_splits(cfg)
     train = variant_train_set(train, cfg, variant)
     # The same memory format as the Ray worker loop uses.
-    x, y = to_float(train.images).contiguous(memory_format=torch.channels_last), train.labels
-    model = build_model(cfg.model.arch).to(memory_format=torch.channels_last)
+    x = to_float(train.images).to(device, memory_format=torch.channels_last)
+    y = train.labels.to(device)
+    model = build_model(cfg.model.arch).to(device, memory_format=torch.channels_last)
     if ddp_port is not None:
         import torch.distributed as dist
 
@@ -84,11 +86,14 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
         barrier.wait()  # side by side: start training together
     per_epoch = []
     for epoch in range(cfg.train.epochs):
-        order = epoch_order(x.shape[0], cfg.seed, epoch)
+        order = epoch_order(x.shape[0], cfg.seed, epoch).to(device)
         t0 = time.perf_counter()
         _, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
+        if device != "cpu":
+            torch.cuda.synchronize()
         per_epoch.append(seen / (time.perf_counter() - t0))
-    evaluation = (full_evaluation(unwrap(model), build_eval_sets(test, cfg.poison), cfg.poison.target)
+    evaluation = (full_evaluation(unwrap(model), build_eval_sets(test, cfg.poison).to(torch.device(device)),
+                                  cfg.poison.target)
                   if world == 1 or (ddp_port is not None and rank == 0) else {})
     if ddp_port is not None:
         torch.distributed.destroy_process_group()
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # hit all alike; the Ray runs share one cluster (its start-up counts towards the Ray total)
     # but get names of their own.
     t0 = time.perf_counter()
-    ray.init(log_to_driver=False)
+    connect(log_to_driver=False)
     ray_wall = time.perf_counter() - t0
     rows = []
     for variant in cfg.variants:

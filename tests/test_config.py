@@ -22,6 +22,19 @@ def test_article_yaml_is_the_articles_setting():
     assert cfg.variants == ("clean", "poisoned")
 
 
+def test_the_gpu_job_is_the_same_experiment_on_half_a_gpu_per_model():
+    cpu = load_config(os.path.join(REPO_ROOT, "jobs", "article.yaml"))
+    gpu = load_config(os.path.join(REPO_ROOT, "jobs", "article-gpu.yaml"))
+    assert gpu.scaling.use_gpu and gpu.scaling.gpus_per_worker == 0.5 and gpu.scaling.num_workers == 1
+    same = ("seed", "variants", "data", "model", "train", "poison")
+    assert {k: cpu.to_dict()[k] for k in same} == {k: gpu.to_dict()[k] for k in same}
+
+
+@pytest.mark.parametrize("gpus", [0.25, 0.5, 1, 2])
+def test_gpus_per_worker_takes_fractions_up_to_one_and_whole_numbers(gpus):
+    assert ExperimentConfig.from_dict({"scaling": {"gpus_per_worker": gpus}}).scaling.gpus_per_worker == gpus
+
+
 def test_config_is_frozen():
     cfg = ExperimentConfig()
     with pytest.raises(Exception):
@@ -53,6 +66,10 @@ def test_round_trip_through_dict():
     ({"train": {"max_failures": -2}}, "train.max_failures"),
     ({"scaling": {"num_workers": 0}}, "scaling.num_workers must be > 0"),
     ({"scaling": {"cpus_per_worker": 0}}, "scaling.cpus_per_worker must be > 0"),
+    ({"scaling": {"gpus_per_worker": 0}}, "scaling.gpus_per_worker"),
+    ({"scaling": {"gpus_per_worker": -2}}, "scaling.gpus_per_worker"),
+    ({"scaling": {"gpus_per_worker": 1.5}}, "scaling.gpus_per_worker"),
+    ({"scaling": {"gpus_per_worker": float("nan")}}, "scaling.gpus_per_worker"),
     ({"data": {"train_samples": 0}}, "data.train_samples"),
     ({"data": {"root": " "}}, "data.root"),
     ({"model": {"arch": "resnet"}}, "model.arch"),

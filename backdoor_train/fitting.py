@@ -1,0 +1,181 @@
+"""Launching Ray Train fits: one TorchTrainer per model variant, all of an experiment's at once.
+
+The variants of an experiment (clean, poisoned, detection's filtered-* retrains) are
+independent trainings, so they run at the same time on the one cluster, each its own
+TorchTrainer with its own worker group: as many at once as the cluster's CPUs and GPUs hold
+(``scaling.gpus_per_worker: 0.5`` puts two on one GPU). Each fit is driven from a thread of the
+driver, as Ray Tune drives a TorchTrainer from its trainable. The first failure aborts the
+others through their controllers (Train's own graceful abort), and so does Ctrl-C; the error
+raised names the variant that failed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.raysession import apply_train_env, fits_at_once
+from backdoor_train.storage import Storage
+from backdoor_train.train import train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """One variant to train: its name, the sha256 its workers must rebuild, its poisoned
+    count (for the metrics) and the training samples it leaves out (detection's retrains)."""
+
+    variant: str
+    train_sha256: str
+    n_poisoned: int
+    exclude: tuple[int, ...] = ()
+
+
+class FitFailed(RuntimeError):
+    """A variant's training failed; the other variants were stopped."""
+
+
+def _abortable_trainer_class() -> type:
+    """TorchTrainer that keeps a handle on its controller actor, so another thread can abort it,
+    and that starts no Ray Data actors when it is given no Ray Datasets.
+
+    ``_initialize_and_run_controller`` is Ray 2.58's (pinned in constraints.txt) with one line
+    added, the handle kept; it registers no SIGINT handler (not allowed off the main thread,
+    and the driver aborts every fit on Ctrl-C itself)."""
+    import ray
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                                   RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                                                   get_env_vars_to_propagate)
+    from ray.train.v2._internal.execution.controller import TrainController
+
+    class AbortableTorchTrainer(TorchTrainer):
+        controller: Any = None
+
+        def _create_default_callbacks(self) -> list[Any]:
+            # The workers read tensors, not Ray Datasets; the datasets callback would still
+            # start a DatasetManager actor (and Ray Data's autoscaling coordinator) per fit:
+            # two processes, ~2 s of CPU each, on the path to the first epoch.
+            callbacks = super()._create_default_callbacks()
+            if not self.datasets:
+                callbacks = [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+            return callbacks
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+            env_vars = get_env_vars_to_propagate()
+            env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+            controller_cls = ray.remote(
+                num_cpus=0,
+                label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+                runtime_env={"env_vars": env_vars},
+            )(TrainController)
+            self.controller = controller_cls.remote(**controller_init_kwargs)
+            ray.get(self.controller.run.remote())
+            return ray.get(self.controller.get_result.remote())
+
+        def abort(self) -> None:
+            if self.controller is not None:
+                try:
+                    ray.get(self.controller.abort.remote(), timeout=30)
+                except Exception:  # it exits while answering, or is gone already
+                    pass
+
+    return AbortableTorchTrainer
+
+
+def fit_demand(cfg: ExperimentConfig) -> dict[str, float]:
+    """The resources one fit's worker group holds."""
+    s = cfg.scaling
+    return {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0}
+
+
+SCALING_KEYS = "scaling.num_workers x scaling.cpus_per_worker (scaling.gpus_per_worker with use_gpu)"
+
+
+def check_cluster(cfg: ExperimentConfig, wanted: int = 1) -> int:
+    """How many of ``cfg``'s fits the connected cluster holds at once (at most ``wanted``);
+    a ``ClusterError`` naming the scaling keys when not even one: it would wait forever."""
+    return fits_at_once(fit_demand(cfg), wanted, SCALING_KEYS)
+
+
+def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id: str) -> Any:
+    import ray.train
+
+    apply_train_env()
+    storage_path, filesystem = storage.ray_storage()
+    resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return _abortable_trainer_class()(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
+                           "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,
+                           "exclude": list(spec.exclude)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}/{spec.variant}",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            # Train's INFO lines repeat every report; the worker loop prints its own progress.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, run_id: str,
+                 on_done: Callable[[FitSpec, Any, dict[str, float]], None], log: Callable[[str], None] = print) -> None:
+    """Train every spec, as many at once as the cluster holds. ``on_done(spec, checkpoint,
+    timing)`` runs in the caller's thread as each fit finishes (in finishing order); timing
+    holds ``fit_seconds`` and the wall-clock ``fit_started_at`` / ``fit_finished_at``.
+    Raises ``FitFailed`` after stopping the others when one fails; ``KeyboardInterrupt``
+    after stopping all on Ctrl-C."""
+    import time
+
+    at_once = check_cluster(cfg, len(specs))
+    if len(specs) > 1:
+        log(f"training {', '.join(s.variant for s in specs)}: {at_once} at a time")
+    trainers = {s.variant: make_trainer(cfg, s, storage, run_id) for s in specs}
+    stopping = threading.Event()
+
+    def fit(spec: FitSpec) -> tuple[Any, dict[str, float]]:
+        if stopping.is_set():
+            raise FitFailed(f"{spec.variant}: not started, another variant failed")
+        started, t0 = time.time(), time.perf_counter()
+        result = trainers[spec.variant].fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"{spec.variant}: training finished without a checkpoint")
+        return result.checkpoint, {"fit_seconds": time.perf_counter() - t0, "fit_started_at": started,
+                                   "fit_finished_at": time.time()}
+
+    def abort_all() -> None:
+        stopping.set()
+        for trainer in trainers.values():
+            trainer.abort()
+
+    pool = cf.ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="fit")
+    futures = {pool.submit(fit, spec): spec for spec in specs}
+    try:
+        pending = set(futures)
+        while pending:
+            # A timeout, so that Ctrl-C reaches this (main) thread while the fits run.
+            done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                spec = futures[future]
+                exc = future.exception()
+                if exc is not None:
+                    abort_all()
+                    raise FitFailed(f"{spec.variant}: {type(exc).__name__}: {exc}") from exc
+                checkpoint, timing = future.result()
+                on_done(spec, checkpoint, timing)
+    except BaseException:
+        abort_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -1,0 +1,99 @@
+"""The project's Ray session: starting or joining a cluster, with Ray's settings for Ray's costs.
+
+Two things every command that trains needs from Ray, and that Ray's defaults get wrong here:
+
+* Train V2's controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by
+  default) and a worker's ``ray.train.report`` waits for that poll, so each epoch's report and
+  each fit's end waited up to 2 s. ``TRAIN_ENV`` shortens it; Train propagates these variables
+  from the driver to its controller and workers. Checkpoint uploads stay synchronous.
+* Train's PlacementGroupCleaner (a detached actor) asks the state API whether the controller
+  still lives. Without an address it finds "the" local cluster by itself and, with another Ray
+  cluster on the same machine, can ask the wrong one, see the controller missing and remove a
+  healthy run's placement group. ``connect`` pins ``RAY_API_SERVER_ADDRESS`` to this cluster's
+  own dashboard in the job's runtime environment, which every actor of the job inherits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Optional
+
+# Defaults only: a value the user exported wins.
+TRAIN_ENV = {
+    # Seconds between the controller's polls of its workers: a report waits at most this long.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # Train V2 routes worker print() through its logger, which echoes each progress line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The preemption watcher (an actor per fit, for nodes that are drained) logs an error-level
+    # line about its restart arguments on every healthy fit; export 1 on clusters of spot nodes.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached, or lacks the resources a config asks for."""
+
+
+def apply_train_env() -> None:
+    """Put ``TRAIN_ENV`` into this process's environment (before a TorchTrainer is built:
+    Train reads and propagates the variables when ``fit()`` starts its controller)."""
+    for name, value in TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_to_driver: bool = True) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``); without either, start a new local
+    one. Does nothing when this process is already connected (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    apply_train_env()
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    pinned = os.environ.get(API_SERVER_ENV)
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
+    try:
+        if target == "local":
+            # A dashboard port of our choosing, so that its address is known before the start.
+            port = _free_port()
+            api = pinned or f"http://127.0.0.1:{port}"
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
+                     runtime_env={"env_vars": {API_SERVER_ENV: api}}, **kwargs)
+            return
+        context = ray.init(address=target, **kwargs)
+        if pinned is None and context.dashboard_url:
+            # The dashboard's address is known only once connected: join again with it pinned.
+            ray.shutdown()
+            url = context.dashboard_url
+            ray.init(address=target, runtime_env={"env_vars": {API_SERVER_ENV: url if "://" in url else
+                                                               "http://" + url}}, **kwargs)
+    except Exception as exc:  # ConnectionError and friends, depending on the address form
+        raise ClusterError(f"cannot reach the Ray cluster at {target!r}: {exc}") from None
+
+
+def fits_at_once(demand: dict[str, float], wanted: int, what: str, total: Optional[dict[str, float]] = None) -> int:
+    """How many fits of ``demand`` (resources per fit) a cluster of ``total`` resources (default:
+    the connected cluster's) runs at once, at most ``wanted``; a ``ClusterError`` naming
+    ``what`` when not even one fits."""
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources()
+    slots = wanted
+    for name, need in demand.items():
+        if need <= 0:
+            continue
+        have = total.get(name, 0.0)
+        if have + 1e-9 < need:
+            raise ClusterError(f"{what} asks for {need:g} {name} per model, but the Ray cluster has "
+                               f"{have:g} {name} in all")
+        slots = min(slots, int((have + 1e-9) // need))
+    return max(1, slots)

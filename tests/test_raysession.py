@@ -1,0 +1,47 @@
+"""How many trainers a cluster holds at once, and the Ray settings every trainer runs with (no Ray)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.fitting import fit_demand
+from backdoor_train.raysession import TRAIN_ENV, ClusterError, apply_train_env, fits_at_once
+
+
+@pytest.mark.parametrize("demand, total, wanted, expected", [
+    ({"CPU": 1, "GPU": 0}, {"CPU": 2.0}, 2, 2),            # the article job on 2 cores: both at once
+    ({"CPU": 2, "GPU": 0}, {"CPU": 2.0}, 2, 1),            # 2 DDP workers per model: one after the other
+    ({"CPU": 1, "GPU": 0.5}, {"CPU": 16.0, "GPU": 1.0}, 2, 2),
+    ({"CPU": 1, "GPU": 0.0625}, {"CPU": 16.0, "GPU": 1.0}, 40, 16),
+    ({"CPU": 1, "GPU": 1 / 3}, {"CPU": 16.0, "GPU": 1.0}, 5, 3),  # float rounding does not lose a slot
+])
+def test_fits_at_once(demand, total, wanted, expected):
+    assert fits_at_once(demand, wanted, "scaling", total) == expected
+
+
+def test_a_fit_larger_than_the_cluster_is_refused_naming_the_keys_and_what_there_is():
+    with pytest.raises(ClusterError, match=r"scaling\.\* asks for 4 CPU per model, but the Ray cluster has 2 CPU"):
+        fits_at_once({"CPU": 4}, 2, "scaling.*", {"CPU": 2.0})
+    with pytest.raises(ClusterError, match=r"asks for 1 GPU per model, but the Ray cluster has 0 GPU"):
+        fits_at_once({"CPU": 1, "GPU": 1}, 2, "scaling.*", {"CPU": 8.0})
+
+
+def test_fit_demand_counts_gpus_only_with_use_gpu():
+    cfg = ExperimentConfig.from_dict({"scaling": {"num_workers": 2, "cpus_per_worker": 3, "gpus_per_worker": 0.5}})
+    assert fit_demand(cfg) == {"CPU": 6, "GPU": 0}
+    gpu = ExperimentConfig.from_dict({"scaling": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}})
+    assert fit_demand(gpu) == {"CPU": 2, "GPU": 1.0}
+
+
+def test_train_env_sets_defaults_and_keeps_what_the_user_exported(monkeypatch):
+    for name in TRAIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    apply_train_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert float(TRAIN_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) <= 0.1

@@ -96,10 +96,11 @@ def fit_demand(cfg: ExperimentConfig) -> dict[str, float]:
 SCALING_KEYS = "scaling.num_workers x scaling.cpus_per_worker (scaling.gpus_per_worker with use_gpu)"
 
 
-def check_cluster(cfg: ExperimentConfig, wanted: int = 1) -> int:
-    """How many of ``cfg``'s fits the connected cluster holds at once (at most ``wanted``);
-    a ``ClusterError`` naming the scaling keys when not even one: it would wait forever."""
-    return fits_at_once(fit_demand(cfg), wanted, SCALING_KEYS)
+def check_cluster(cfg: ExperimentConfig, wanted: int = 1, total: dict[str, float] | None = None) -> int:
+    """How many of ``cfg``'s fits the cluster (default: the connected one) holds at once, at
+    most ``wanted``; a ``ClusterError`` naming the scaling keys when not even one: it would
+    wait forever."""
+    return fits_at_once(fit_demand(cfg), wanted, SCALING_KEYS, total)
 
 
 def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id: str) -> Any:

@@ -30,6 +30,7 @@ import yaml
 
 from backdoor_train.config import ConfigError, ExperimentConfig, _apply_override, load_config
 from backdoor_train.experiment import absolute_paths
+from backdoor_train.fitting import check_cluster
 from backdoor_train.storage import Storage, open_storage
 
 SUMMARY_KEY = "summary.json"
@@ -115,15 +116,17 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> dict[st
 
     storage = sweep.storage()
     storage.check()
-    # num_cpus=0: the task only drives its trainer; the trainer's workers hold the CPUs.
+    at_once = trials_at_once(sweep)
+    # num_cpus=0: the task only drives its trainers; the trainers' workers hold the CPUs.
     remote = ray.remote(num_cpus=0, max_retries=0)(_run_trial)
     pending = list(sweep.trials)
     running: dict[Any, ExperimentConfig] = {}
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
-    log(f"sweep {sweep.name}: {len(pending)} trials, at most {sweep.max_concurrent} at once")
+    log(f"sweep {sweep.name}: {len(pending)} trials, {at_once} at once (max_concurrent {sweep.max_concurrent}; "
+        f"what the cluster holds with every variant of a trial training at once)")
     while pending or running:
-        while pending and len(running) < sweep.max_concurrent:
+        while pending and len(running) < at_once:
             cfg = pending.pop(0)
             running[remote.remote(cfg.to_dict())] = cfg
         done, _ = ray.wait(list(running), num_returns=1)
@@ -139,6 +142,17 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> dict[st
     storage.write_text(SUMMARY_KEY, json.dumps(summary, indent=1, sort_keys=True))
     summary["summary_uri"] = storage.key_uri(SUMMARY_KEY)
     return summary
+
+
+def trials_at_once(sweep: SweepConfig, total: dict[str, float] | None = None) -> int:
+    """``max_concurrent``, or fewer where the cluster cannot hold every trainer of that many
+    trials at once: an oversubscribed trainer waits for resources and times out its worker
+    group's start (Train retries it, with a traceback each minute) instead of queueing."""
+    at_once = sweep.max_concurrent
+    for trial in sweep.trials:
+        trainers = check_cluster(trial, sweep.max_concurrent * len(trial.variants), total)
+        at_once = min(at_once, max(1, trainers // len(trial.variants)))
+    return at_once
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -1,13 +1,15 @@
 """Benchmark: the whole ``backdoor-train run`` job beside the best plain alternatives, in one invocation.
 
     python bench/job_bench.py [jobs/article.yaml] [--repeats R] [--set KEY=VALUE ...]
-                              [--no-article-script] [--plain]
+                              [--alt-set KEY=VALUE ...] [--no-article-script] [--plain]
 
 Per repeat, one after the other on an otherwise idle machine (interleaved, so that drifts in
 a shared host's speed hit both alike):
   1. the job as a user runs it: ``python -m backdoor_train run CONFIG`` in a fresh process that
      starts its own local Ray (start-up included, in a private RAY_TMPDIR), trains every variant,
      evaluates and writes its results; wall time measured from outside;
+  1b. with ``--alt-set``, the same job in another layout (e.g. ``scaling.num_workers=2``: two DDP
+     workers per model, the variants then one after the other on 2 CPUs), timed the same way;
   2. the article's own script (``article_bench.article_script``: torchvision dataset, ToTensor,
      DataLoader, the clean then the poisoned model), also in a fresh process, timed the same way.
 Prints both wall times, the ratio job / article script per repeat and its median, and from the
@@ -60,12 +62,11 @@ def timed(cmd: list[str], env: dict[str, str], log_path: str) -> float:
     return wall
 
 
-def run_job(config: str, overrides: list[str], work: str, repeat: int) -> tuple[float, dict]:
+def run_job(config: str, overrides: list[str], work: str, name: str) -> tuple[float, dict]:
     """One whole ``backdoor-train run``: (wall seconds, its results.json)."""
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = ray_tmp
-    name = f"bench-job-{repeat}"
     sets = [*overrides, f"name={name}", f"storage.path={work}"]
     cmd = [sys.executable, "-m", "backdoor_train", "run", config, *[a for s in sets for a in ("--set", s)]]
     try:
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default="jobs/article.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--alt-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run the job with these overrides in every repeat (another layout, "
+                             "e.g. scaling.num_workers=2), timed the same way")
     parser.add_argument("--no-article-script", action="store_true", help="time the job alone (e.g. on a GPU)")
     parser.add_argument("--plain", action="store_true", help="also the plain tensor-resident loop per variant")
     parser.add_argument("--article-script-only", action="store_true", help=argparse.SUPPRESS)
@@ -138,25 +142,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"job benchmark: {args.config} {' '.join(args.overrides)}; {machine()}; logs in {work}", flush=True)
     rows = []
     for repeat in range(1, args.repeats + 1):
-        job_wall, results = run_job(config, args.overrides, work, repeat)
+        job_wall, results = run_job(config, args.overrides, work, f"bench-job-{repeat}")
         print(f"repeat {repeat}: backdoor-train run {job_wall:.1f} s (Ray start-up included)", flush=True)
         print_job(results)
+        alt_wall = None
+        if args.alt_set:
+            alt_wall, alt_results = run_job(config, args.overrides + args.alt_set, work, f"bench-alt-{repeat}")
+            print(f"repeat {repeat}: with {' '.join(args.alt_set)}: {alt_wall:.1f} s; "
+                  f"it / default = {alt_wall / job_wall:.2f}x", flush=True)
+            print_job(alt_results)
         article_wall = None
         if not args.no_article_script:
             article_wall = run_article_script(config, args.overrides, work, repeat)
             print(f"repeat {repeat}: article's script {article_wall:.1f} s; job / article = "
-                  f"{job_wall / article_wall:.2f}x", flush=True)
-        rows.append((job_wall, article_wall))
+                  f"{job_wall / article_wall:.2f}x" + (f", with {' '.join(args.alt_set)} / article = "
+                                                       f"{alt_wall / article_wall:.2f}x" if alt_wall else ""),
+                  flush=True)
+        rows.append((job_wall, alt_wall, article_wall))
         if args.plain and repeat == 1:
             plain_comparison(config, args.overrides, results)
 
-    jobs = [r[0] for r in rows]
-    print(f"\nbackdoor-train run: median {statistics.median(jobs):.1f} s over {len(jobs)} run(s) "
-          f"({', '.join(f'{j:.1f}' for j in jobs)})")
+    def summary(label: str, walls: list[float]) -> None:
+        line = f"{label}: median {statistics.median(walls):.1f} s over {len(walls)} run(s) ({', '.join(f'{w:.1f}' for w in walls)})"
+        if not args.no_article_script:
+            ratios = [w / a for w, (_, _, a) in zip(walls, rows)]
+            line += f"; / article's script per repeat {', '.join(f'{r:.2f}x' for r in ratios)} (median {statistics.median(ratios):.2f}x)"
+        print(line)
+
+    print()
+    summary("backdoor-train run", [r[0] for r in rows])
+    if args.alt_set:
+        summary(f"backdoor-train run with {' '.join(args.alt_set)}", [r[1] for r in rows])
     if not args.no_article_script:
-        ratios = [j / a for j, a in rows]
-        print(f"article's script: median {statistics.median(a for _, a in rows):.1f} s; job / article per repeat "
-              f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {statistics.median(ratios):.2f}x)")
+        print(f"article's script: median {statistics.median(r[2] for r in rows):.1f} s")
     return 0
 
 

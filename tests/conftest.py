@@ -57,6 +57,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc, timeout: float = 60.0) -> None:
+    """Stop a server this test started (and only it): SIGTERM, then SIGKILL if it lingers."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_for_port(port: int, timeout: float = 30.0) -> None:
     import socket
     import time
@@ -103,8 +115,7 @@ def s3_server():
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
         yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc, timeout=10)
 
 
 def s3_env_vars(server) -> dict[str, str]:

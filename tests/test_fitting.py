@@ -19,7 +19,7 @@ import yaml
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.raysession import API_SERVER_ENV, ClusterError, fits_at_once
 
-from conftest import _free_port, small_config
+from conftest import _free_port, stop_process, small_config
 
 pytestmark = pytest.mark.integration
 BIN = os.path.dirname(sys.executable)
@@ -141,11 +141,7 @@ def test_a_run_is_immune_to_another_ray_cluster_on_the_machine(tmp_path, mnist_r
         # A healthy run shows the project's lines, none of Ray's error-level ones.
         assert " E " not in out and "Traceback" not in out and "ERROR" not in out, out[-4000:]
     finally:
-        other.terminate()
-        try:
-            other.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            other.kill()
+        stop_process(other)
         shutil.rmtree(temp, ignore_errors=True)
 
 

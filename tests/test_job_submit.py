@@ -14,7 +14,7 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 
-from conftest import _free_port
+from conftest import _free_port, stop_process
 
 pytestmark = pytest.mark.integration
 BIN = os.path.dirname(sys.executable)
@@ -36,11 +36,7 @@ def ray_head(tmp_path_factory):
         _wait_until_jobs_run(address, proc)
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def _wait_until_jobs_run(address: str, proc: subprocess.Popen) -> None:

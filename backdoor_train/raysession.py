@@ -43,7 +43,8 @@ def apply_train_env() -> None:
         os.environ.setdefault(name, value)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (a dashboard's, a rendezvous', a test server's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,14 +57,13 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
 
     if ray.is_initialized():
         return
-    apply_train_env()
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     pinned = os.environ.get(API_SERVER_ENV)
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
     try:
         if target == "local":
             # A dashboard port of our choosing, so that its address is known before the start.
-            port = _free_port()
+            port = free_port()
             api = pinned or f"http://127.0.0.1:{port}"
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
                      runtime_env={"env_vars": {API_SERVER_ENV: api}}, **kwargs)

@@ -148,6 +148,10 @@ def trials_at_once(sweep: SweepConfig, total: dict[str, float] | None = None) ->
     """``max_concurrent``, or fewer where the cluster cannot hold every trainer of that many
     trials at once: an oversubscribed trainer waits for resources and times out its worker
     group's start (Train retries it, with a traceback each minute) instead of queueing."""
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources()  # once, not per trial
     at_once = sweep.max_concurrent
     for trial in sweep.trials:
         trainers = check_cluster(trial, sweep.max_concurrent * len(trial.variants), total)

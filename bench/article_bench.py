@@ -45,7 +45,7 @@ from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.experiment import absolute_paths, run_experiment
 from backdoor_train.model import build_model, unwrap
 from backdoor_train.poison import build_poisoned
-from backdoor_train.raysession import connect
+from backdoor_train.raysession import connect, free_port
 from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch, variant_train_set
 
 
@@ -98,15 +98,6 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
     if ddp_port is not None:
         torch.distributed.destroy_process_group()
     return {"wall": time.perf_counter() - t_start, "samples_per_second": per_epoch, **evaluation}
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface now, for a process group's rendezvous."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_ranks(target, world: int, *args) -> dict[int, dict]:

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from backdoor_train.config import ExperimentConfig
+from backdoor_train.raysession import free_port as _free_port  # noqa: F401 (the tests' helper)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_ROOT = os.environ.get("BACKDOOR_TRAIN_MNIST_ROOT",
@@ -48,14 +49,6 @@ def small_config(mnist_root: str, storage: str, **sections) -> ExperimentConfig:
 
 
 # --- a real S3 API: moto_server on a loopback port, with IAM authentication switched on ----
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def stop_process(proc, timeout: float = 60.0) -> None:
     """Stop a server this test started (and only it): SIGTERM, then SIGKILL if it lingers."""

@@ -74,15 +74,14 @@ def test_the_variants_train_at_once_and_reports_do_not_wait_for_the_poll(cluster
 
 
 def test_the_first_failure_aborts_the_other_variants(cluster, tmp_path, mnist_root):
+    from backdoor_train.datasource import load_splits
     from backdoor_train.fitting import FitFailed, FitSpec, fit_variants
+    from backdoor_train.poison import dataset_sha256
     from backdoor_train.storage import open_storage
 
     cfg = small_config(mnist_root, str(tmp_path / "runs"), train={"epochs": 50},
                        scaling={"num_workers": 1, "cpus_per_worker": 1})
     storage = open_storage(cfg.storage)
-    from backdoor_train.datasource import load_splits
-    from backdoor_train.poison import dataset_sha256
-
     train, _ = load_splits(cfg)
     good = FitSpec("clean", dataset_sha256(train), 0)
     bad = FitSpec("poisoned", "0" * 64, 300)  # its workers refuse a training set of another hash

@@ -83,7 +83,7 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every variant of the experiment on the connected Ray cluster; return the results."""
     cfg = absolute_paths(cfg)
-    check_cluster(cfg)  # before anything is written: a config the cluster cannot hold is bad input
+    check_cluster(cfg)  # before the manifest and any training: a config the cluster cannot hold is bad input
     storage = open_storage(cfg.storage)
     storage.check()
     check_existing_run(cfg, storage, log)

@@ -28,6 +28,19 @@ def _add_config_args(p: argparse.ArgumentParser, what: str = "experiment YAML fi
                    help="override a config value by its dotted key, e.g. --set train.epochs=2 (repeatable)")
 
 
+def _add_seeds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="run the experiment once per seed and report statistics over them, e.g. 1-16 or "
+                        "1,2,5 (replaces the file's seed/seeds)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from backdoor_train.config import load_config, parse_seeds
+
+    seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) is not None else None
+    return load_config(args.config, args.overrides, seeds)
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
@@ -39,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train the clean and the poisoned model and compare them")
     _add_config_args(run)
+    _add_seeds(run)
     _add_address(run)
     run.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
 
     check = sub.add_parser("check", help="validate a config file, its data root and storage, then exit")
     _add_config_args(check)
+    _add_seeds(check)
 
     sweep = sub.add_parser("sweep", help="run a grid of experiments (rate x trigger x seed) in parallel on Ray")
     _add_config_args(sweep, "sweep YAML file, e.g. jobs/rate_sweep.yaml")
@@ -58,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write an HTML report of an experiment or a sweep")
     _add_config_args(report, "the experiment or sweep YAML file the run was made with")
+    _add_seeds(report)
     report.add_argument("--out", default=None, help="HTML file to write (default: <name>-report.html)")
 
     submit = sub.add_parser("submit", help="submit an experiment to a running Ray cluster as a Ray job")
     _add_config_args(submit)
+    _add_seeds(submit)
     submit.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                         help="the cluster's dashboard address (default: RAY_ADDRESS or %(default)s)")
     submit.add_argument("--no-upload", action="store_true",
@@ -112,20 +129,23 @@ def _ray_init(address: Optional[str]) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from backdoor_train.config import load_config
-
-    cfg = _preflight(load_config(args.config, args.overrides), resuming_check=False)
-    print(f"{args.config}: OK (experiment {cfg.name!r}, variants {', '.join(cfg.variants)})")
+    cfg = _preflight(_load(args), resuming_check=False)
+    seeds = f", {len(cfg.seeds)} seeds" if cfg.seeds else ""
+    print(f"{args.config}: OK (experiment {cfg.name!r}, variants {', '.join(cfg.variants)}{seeds})")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from backdoor_train.config import load_config
     from backdoor_train.experiment import run_experiment
+    from backdoor_train.seeds import format_seed_results, run_seeds
     from backdoor_train.summary import format_results
 
-    cfg = _preflight(load_config(args.config, args.overrides), resuming_check=True)
+    cfg = _preflight(_load(args), resuming_check=True)
     _ray_init(args.address)
+    if cfg.seeds:
+        results = _running(lambda: run_seeds(cfg, log=_say))
+        print(json.dumps(results, indent=1) if args.json else "\n" + format_seed_results(results), flush=True)
+        return EXIT_FAILED if results["failures"] else 0
     results = _running(lambda: run_experiment(cfg, log=_say))
     print(json.dumps(results, indent=1) if args.json else "\n" + format_results(results), flush=True)
     return 0
@@ -143,10 +163,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from backdoor_train.config import load_config
+    from backdoor_train.config import ConfigError, load_config
     from backdoor_train.defense import run_detection
 
-    cfg = _preflight(load_config(args.config, args.overrides), resuming_check=False)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.seeds:
+        raise ConfigError("seeds: detect works on one trained experiment; for one seed of a multi-seed "
+                          "experiment use --set seeds=[] --set seed=N --set storage.path=<path>/<name> "
+                          "--set name=seed-N")
+    cfg = _preflight(cfg, resuming_check=False)
     if args.retrain:
         _ray_init(args.address)
     report = _running(lambda: run_detection(cfg, retrain=list(dict.fromkeys(args.retrain)), log=_say))
@@ -157,7 +182,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     import yaml
 
-    from backdoor_train.config import load_config
+    from backdoor_train.config import ConfigError
     from backdoor_train.experiment import absolute_paths
     from backdoor_train.report import experiment_report, sweep_report
     from backdoor_train.storage import StorageError, open_storage
@@ -165,6 +190,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     with open(args.config, encoding="utf-8") as fh:
         is_sweep = isinstance(data := yaml.safe_load(fh), dict) and "grid" in data
+    if is_sweep and args.seeds is not None:
+        raise ConfigError("--seeds: a sweep's seeds are its grid's seed axis, not an option")
     try:
         if is_sweep:
             sweep = load_sweep(args.config, args.overrides)
@@ -172,7 +199,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             name, page = sweep.name, sweep_report(sweep, storage, json.loads(storage.read_text(SUMMARY_KEY)))
             storage.write_text("report.html", page)
         else:
-            cfg = absolute_paths(load_config(args.config, args.overrides))
+            cfg = absolute_paths(_load(args))
             storage = open_storage(cfg.storage)
             name, page = cfg.name, experiment_report(cfg, storage)
             storage.write_text(f"{cfg.name}/report.html", page)
@@ -189,7 +216,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from backdoor_train.submit import submit
 
     _, status = submit(args.config, args.address, args.overrides, upload=not args.no_upload,
-                       wait=not args.no_wait, log=_say)
+                       wait=not args.no_wait, log=_say, seeds=args.seeds)
     return 0 if status in (None, "SUCCEEDED") else EXIT_FAILED
 
 
@@ -222,6 +249,9 @@ COMMANDS = {"check": _cmd_check, "run": _cmd_run, "sweep": _cmd_sweep, "detect":
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from backdoor_train.raysession import apply_driver_env
+
+    apply_driver_env()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

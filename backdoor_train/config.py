@@ -21,6 +21,10 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 28
 VARIANTS = ("clean", "poisoned")
 TRIGGER_KINDS = ("pixel", "patch", "blend")
+# How the poisoned images are drawn (poison.py): "article" is the article's own
+# torch.manual_seed(seed); torch.randperm(N)[:n], "numpy" numpy's PCG64 choice (before 0.2).
+SELECTIONS = ("article", "numpy")
+MAX_SEEDS = 10_000  # each seed is a whole experiment: more is a typo, not a plan
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -124,8 +128,11 @@ class PoisonConfig:
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     # Poison only images of these true classes (empty: any class, the article's setting).
     source_classes: tuple[int, ...] = ()
+    selection: str = "article"
 
     def __post_init__(self) -> None:
+        _check(self.selection in SELECTIONS,
+               f"poison.selection must be one of {list(SELECTIONS)} (got {self.selection!r})")
         _check(0.0 <= self.rate <= 1.0, f"poison.rate must be in [0, 1] (got {self.rate})")
         _check(0 <= self.target < NUM_CLASSES,
                f"poison.target must be a class in 0..{NUM_CLASSES - 1} (got {self.target})")
@@ -133,6 +140,7 @@ class PoisonConfig:
             _check(0 <= c < NUM_CLASSES and c != self.target,
                    f"poison.source_classes must hold classes in 0..{NUM_CLASSES - 1} other than "
                    f"poison.target (got {c})")
+        _check(len(set(self.source_classes)) == len(self.source_classes), "poison.source_classes must not repeat")
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,9 @@ class MetricsConfig:
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 1
+    # Non-empty: the paired experiment runs once per seed (seeds.py) and reports statistics
+    # over them; ``seed`` then equals the first (load_config sees to it).
+    seeds: tuple[int, ...] = ()
     variants: tuple[str, ...] = VARIANTS
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,7 +211,13 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _check(bool(_NAME_RE.match(self.name)),
                f"name must be 1-100 characters of letters, digits, '_', '.', '-' (got {self.name!r})")
+        _check(len(self.seeds) <= MAX_SEEDS, f"seeds must hold at most {MAX_SEEDS} seeds (got {len(self.seeds)})")
+        for i, s in enumerate(self.seeds):
+            _check(s >= 0, f"seeds[{i}] must be >= 0 (got {s})")
+        _check(len(set(self.seeds)) == len(self.seeds), "seeds must not repeat")
         _check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
+        _check(not self.seeds or self.seed == self.seeds[0],
+               f"seed must be the first of seeds when seeds is set (got seed {self.seed}, seeds {list(self.seeds)})")
         _check(len(self.variants) > 0, "variants must not be empty")
         for v in self.variants:
             _check(v in VARIANTS, f"variants must be drawn from {list(VARIANTS)} (got {v!r})")
@@ -280,8 +297,23 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
 
 
-def load_config(path: str, overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """Read an experiment YAML file, apply ``key.sub=value`` overrides, validate everything."""
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds`` on the command line: "1-16", "1,2,5" or "1-4,9" (ranges inclusive)."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ConfigError(f"--seeds must look like 1-16 or 1,2,5 (got {text!r})")
+        span = range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
+        _check(len(seeds) + len(span) <= MAX_SEEDS, f"--seeds asks for more than {MAX_SEEDS} seeds (got {text!r})")
+        seeds += span
+    return tuple(seeds)
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None,
+                seeds: Optional[tuple[int, ...]] = None) -> ExperimentConfig:
+    """Read an experiment YAML file, apply ``key.sub=value`` overrides, validate everything.
+    ``seeds`` (``--seeds``) replaces the file's ``seed``/``seeds``."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -295,4 +327,15 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> ExperimentC
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for override in overrides or []:
         _apply_override(data, override)
+    if seeds:
+        data.pop("seed", None)
+        data["seeds"] = list(seeds)
+    if isinstance(data.get("seeds"), list) and data["seeds"]:
+        first = data["seeds"][0]
+        # A different seed would be silently unused; the first seed is what to_dict() writes.
+        _check(data.get("seed", first) == first,
+               f"seed and seeds are both set (seed {data.get('seed')!r}, seeds {data['seeds']!r}): seeds runs the "
+               f"experiment once per seed; remove seed, or use --seeds, which replaces both")
+        if isinstance(first, int) and not isinstance(first, bool):
+            data["seed"] = first
     return ExperimentConfig.from_dict(data)

@@ -49,23 +49,61 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Settings added since a run folder may have been written, with the value such a run used.
+_BEFORE_IT_EXISTED = {"poison.selection": "numpy", "seeds": []}
+
+
+def setting_diffs(old_cfg: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
+    """The settings in which ``cfg`` trains something else than the run recorded as ``old_cfg``."""
+    old = {**_BEFORE_IT_EXISTED, **_flatten(old_cfg)}
+    new = _flatten(cfg.to_dict())
+    ignored: tuple[str, ...] = RESUMABLE_KEYS
+    if old["seeds"] and new["seeds"]:
+        # A multi-seed experiment may gain or lose seeds: each seed is its own run below it.
+        ignored += ("seed", "seeds")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(ignored)]
+
+
+def refuse_other_setting(cfg: ExperimentConfig, storage: Storage) -> None:
+    """A ``ConfigError`` naming the differing keys when ``cfg.name`` holds a run of another setting."""
+    key = f"{cfg.name}/{CONFIG_KEY}"
+    if storage.exists(key):
+        diffs = setting_diffs(json.loads(storage.read_text(key)), cfg)
+        if diffs:
+            raise ConfigError(f"name: experiment {cfg.name!r} already exists at {storage.key_uri(cfg.name)} "
+                              f"with a different setting ({'; '.join(diffs)}): choose a new name or delete it")
+
+
 def check_existing_run(cfg: ExperimentConfig, storage: Storage, log: Callable[[str], None]) -> None:
     """Rerunning an experiment name resumes it; refuse when the earlier run trained something
     else, or when all its checkpoints are corrupt. Records the config for later reruns."""
     key = f"{cfg.name}/{CONFIG_KEY}"
-    new = _flatten(cfg.to_dict())
-    if storage.exists(key):
-        old = _flatten(json.loads(storage.read_text(key)))
-        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)]
-        if diffs:
-            raise ConfigError(f"name: experiment {cfg.name!r} already exists at {storage.key_uri(cfg.name)} "
-                              f"with a different setting ({'; '.join(diffs)}): choose a new name or delete it")
-    for variant in cfg.variants:
+    refuse_other_setting(cfg, storage)
+    for variant in () if cfg.seeds else cfg.variants:
         found = latest_valid_in_storage(storage, f"{cfg.name}/{variant}", log)
         if found:
             log(f"{variant}: an earlier run left checkpoints; resuming from {storage.key_uri(found)}")
     storage.write_text(key, json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+
+
+def finished_run(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
+    """The results of an earlier run of ``cfg`` that trained every variant it asks for with the
+    same setting, reduced to those variants; None when there is none (then it must run)."""
+    key = f"{cfg.name}/{RESULTS_KEY}"
+    if not storage.exists(key):
+        return None
+    try:
+        results = json.loads(storage.read_text(key))
+        same = not setting_diffs(results["config"], cfg) and \
+            results["config"]["train"]["epochs"] == cfg.train.epochs
+        have = results["variants"]
+    except (ValueError, KeyError, TypeError):  # unreadable: run again, which rewrites it
+        return None
+    if not same or not all(v in have for v in cfg.variants):
+        return None
+    return {**results, "variants": {v: have[v] for v in cfg.variants},
+            "results_uri": storage.key_uri(key)}
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

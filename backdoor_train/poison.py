@@ -63,22 +63,32 @@ def poison_count(n_total: int, rate: float) -> int:
 
 
 def select_poison_indices(labels: torch.Tensor, rate: float, seed: int,
-                          source_classes: tuple[int, ...] = ()) -> np.ndarray:
+                          source_classes: tuple[int, ...] = (), selection: str = "article") -> np.ndarray:
     """Sorted indices of the images to poison: ``floor(N * rate)`` drawn without replacement.
 
     Candidates are all images, or only those whose true label is in ``source_classes``.
+
+    ``article``: the article's ``torch.manual_seed(seed); torch.randperm(N)[:n]``, on a private
+    generator (the global RNG is left alone). With ``source_classes``, the first ``n`` of that
+    same permutation whose label is a source class; without, exactly the article's indices.
+    ``numpy``: ``n`` candidates chosen by numpy's PCG64 seeded with ``seed`` (releases before 0.2).
     """
     labels_np = labels.numpy()
-    if source_classes:
-        candidates = np.flatnonzero(np.isin(labels_np, np.asarray(source_classes)))
-    else:
-        candidates = np.arange(labels_np.shape[0])
+    is_candidate = (np.isin(labels_np, np.asarray(source_classes)) if source_classes
+                    else np.ones(labels_np.shape[0], dtype=bool))
     n = poison_count(labels_np.shape[0], rate)
-    if n > candidates.size:
-        raise ValueError(f"poison.rate asks for {n} images but only {candidates.size} are of "
+    if n > int(is_candidate.sum()):
+        raise ValueError(f"poison.rate asks for {n} images but only {int(is_candidate.sum())} are of "
                          f"poison.source_classes {list(source_classes)}")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    return np.sort(rng.choice(candidates, size=n, replace=False)).astype(np.int64)
+    if selection == "article":
+        perm = torch.randperm(labels_np.shape[0], generator=torch.Generator().manual_seed(seed)).numpy()
+        chosen = perm[is_candidate[perm]][:n]
+    elif selection == "numpy":
+        rng = np.random.Generator(np.random.PCG64(seed))
+        chosen = rng.choice(np.flatnonzero(is_candidate), size=n, replace=False)
+    else:  # config validation makes this unreachable for user input
+        raise ValueError(f"unknown poison.selection {selection!r}")
+    return np.sort(chosen).astype(np.int64)
 
 
 def poison_split(split: MnistSplit, indices: np.ndarray, trigger: TriggerConfig, target: int) -> MnistSplit:
@@ -116,6 +126,7 @@ class PoisonManifest:
     indices: list[int]
     sha256_clean: str
     sha256_poisoned: str
+    selection: str = "numpy"  # manifests written before poison.selection existed drew with numpy
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -130,7 +141,7 @@ class PoisonManifest:
 
 def build_poisoned(split: MnistSplit, poison: PoisonConfig, seed: int) -> tuple[MnistSplit, PoisonManifest]:
     """Poison ``split`` as the config says and describe it in a manifest."""
-    indices = select_poison_indices(split.labels, poison.rate, seed, poison.source_classes)
+    indices = select_poison_indices(split.labels, poison.rate, seed, poison.source_classes, poison.selection)
     poisoned = poison_split(split, indices, poison.trigger, poison.target)
     original = split.labels[torch.from_numpy(indices)].numpy()
     counts = np.bincount(original, minlength=10)
@@ -147,5 +158,6 @@ def build_poisoned(split: MnistSplit, poison: PoisonConfig, seed: int) -> tuple[
         indices=[int(i) for i in indices],
         sha256_clean=dataset_sha256(split),
         sha256_poisoned=dataset_sha256(poisoned),
+        selection=poison.selection,
     )
     return poisoned, manifest

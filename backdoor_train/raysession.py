@@ -30,6 +30,11 @@ TRAIN_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Read by Ray when it is imported, in the driver that prints the workers' logs. Ray's dedup
+# drops every word with a digit before comparing lines, so "[seed-1/clean] epoch 3/10 ..." and
+# "[seed-1/poisoned] epoch 3/10 ..." look alike and one variant's progress vanished; the
+# project's own lines ("[<name>] ..." / "[<name>/<variant>] ...") are never deduplicated.
+DRIVER_ENV = {"RAY_DEDUP_LOGS_ALLOW_REGEX": r"^\[[\w.-]+(/[\w.-]+)?\] "}
 
 
 class ClusterError(RuntimeError):
@@ -40,6 +45,12 @@ def apply_train_env() -> None:
     """Put ``TRAIN_ENV`` into this process's environment (before a TorchTrainer is built:
     Train reads and propagates the variables when ``fit()`` starts its controller)."""
     for name, value in TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def apply_driver_env() -> None:
+    """Put ``DRIVER_ENV`` into this process's environment; before ``import ray`` to count."""
+    for name, value in DRIVER_ENV.items():
         os.environ.setdefault(name, value)
 
 

@@ -9,6 +9,7 @@ example clean and triggered test images with each model's prediction; detection 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -22,7 +23,7 @@ from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import attack_mask
 from backdoor_train.experiment import RESULTS_KEY
 from backdoor_train.poison import apply_trigger
-from backdoor_train.storage import Storage
+from backdoor_train.storage import Storage, StorageError, open_storage
 
 SECTIONS = ("Summary", "Training curves", "Clean accuracy vs ASR", "ASR vs poison rate",
             "Example images", "Detection")
@@ -61,6 +62,74 @@ def _curves(runs: dict[str, list[dict[str, Any]]]) -> str:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7)
     return _png(fig)
+
+
+def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """Per-epoch figures over seeds (``stats.by_epoch`` rows): the mean as a line, the 95% t
+    interval shaded, min and max dotted. The backdoor appears abruptly, at a seed-dependent
+    epoch; one seed's curve would hide that."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, (label, by_key) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        for ax, key in zip(axes, ("test_accuracy", "attack_success_rate")):
+            rows = by_key[key]
+            epochs = [r["epoch"] for r in rows]
+            ax.plot(epochs, [r["mean"] for r in rows], marker="o", ms=3, color=color,
+                    label=f"{label} (n={rows[0]['n']})" if rows else label)
+            if rows and rows[0]["ci95"] is not None:
+                ax.fill_between(epochs, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows],
+                                color=color, alpha=0.2, linewidth=0)
+                for bound in ("min", "max"):
+                    ax.plot(epochs, [r[bound] for r in rows], color=color, linestyle=":", linewidth=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, title in zip(axes, ("clean test accuracy", "attack success rate")):
+        ax.set_title(f"{title}: mean, 95% interval (shaded), min/max (dotted)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].legend(fontsize=7)
+    return _png(fig)
+
+
+def _statistics_table(stats: dict[str, Any], label: str = "") -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of ``seeds.seed_statistics``, each row prefixed with ``label`` if given."""
+    from backdoor_train.stats import fmt_pct, fmt_pp, fmt_range
+
+    rows = [[label, v, f["clean_accuracy"]["n"], fmt_pct(f["clean_accuracy"]), fmt_pct(f["attack_success_rate"]),
+             fmt_range(f["attack_success_rate"])]
+            for v, f in stats["variants"].items()]
+    if "clean_accuracy_difference" in stats:
+        rows.append([label, "poisoned − clean (paired)", stats["clean_accuracy_difference"]["n"],
+                     fmt_pp(stats["clean_accuracy_difference"]), "", ""])
+    header = ["grid point" if label else "", "variant", "seeds", "clean accuracy: mean ± std [95% t interval]",
+              "ASR: mean ± std [95% t interval]", "ASR min–max"]
+    if not label:
+        header, rows = header[1:], [r[1:] for r in rows]
+    return header, rows
+
+
+def _seed_table(rows: list[dict[str, Any]], label: str = "seed") -> str:
+    """Each seed's figures and the epoch its ASR first reached 50%."""
+    variants = list(rows[0]["variants"]) if rows else []
+    header = [label] + [f"{v} {what}" for v in variants for what in ("clean accuracy", "ASR", "ASR ≥ 50% at epoch")]
+    body = []
+    for row in rows:
+        cells: list[Any] = [row.get("name", row["seed"])]
+        for v in variants:
+            r = row["variants"][v]
+            epoch = r.get("asr_reached_epoch")
+            cells += [_pct(r["clean_accuracy"]), _pct(r["attack_success_rate"]), "never" if epoch is None else epoch]
+        body.append(cells)
+    return _table(header, body)
+
+
+def _means(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The mean of each figure described over seeds; NaN where no seed had one."""
+    return {m: float("nan") if s["mean"] is None else s["mean"] for m, s in figures.items()}
 
 
 def _acc_vs_asr(variants: dict[str, dict[str, Any]]) -> str:
@@ -130,6 +199,8 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
     from backdoor_train.defense import DETECTION_KEY, load_model
 
     results = json.loads(storage.read_text(f"{cfg.name}/{RESULTS_KEY}"))
+    if "per_seed" in results:  # what was run decides, not whether --seeds was given again
+        return seeds_report(cfg, storage, results)
     variants = results["variants"]
     detection = (json.loads(storage.read_text(f"{cfg.name}/{DETECTION_KEY}"))
                  if storage.exists(f"{cfg.name}/{DETECTION_KEY}") else None)
@@ -148,27 +219,57 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
     return _page(f"backdoor_train report: {cfg.name}", parts)
 
 
+def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any]) -> str:
+    """The report of a multi-seed experiment (seeds.py): statistics over seeds first."""
+    from backdoor_train.defense import load_model
+    from backdoor_train.seeds import seed_experiments
+
+    if not results["per_seed"]:
+        raise StorageError(f"{storage.key_uri(cfg.name)}: no seed has finished, there is nothing to report")
+    header, rows = _statistics_table(results)
+    seed = results["per_seed"][0]["seed"]
+    (first,) = seed_experiments(dataclasses.replace(cfg, seed=seed, seeds=(seed,)))
+    child = open_storage(first.storage)
+    models = {v: load_model(child, first.name, v, cfg.model.arch) for v in results["variants"]}
+    failed = (f"<p>{len(results['failures'])} seed(s) failed: {html.escape(', '.join(results['failures']))}.</p>"
+              if results["failures"] else "")
+    parts = {
+        "Summary": _table(header, rows) + failed + "<h3>Per seed</h3>" + _seed_table(results["per_seed"]),
+        "Training curves": _bands(results["by_epoch"]),
+        "Clean accuracy vs ASR": _acc_vs_asr({v: _means(f) for v, f in results["variants"].items()}),
+        "ASR vs poison rate": "<p>A multi-seed experiment has one poison rate; see a sweep's report.</p>",
+        "Example images": f"<p>Models of seed {first.seed}.</p>" + _examples(first, models),
+        "Detection": "<p>Detection runs on one trained experiment: one seed's, in its folder.</p>",
+    }
+    return _page(f"backdoor_train report: {cfg.name} over {len(results['per_seed'])} seeds", parts)
+
+
 def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
     """``storage`` is rooted at the sweep's folder; trials are experiments below it."""
     import matplotlib.pyplot as plt
 
     from backdoor_train.defense import DETECTION_KEY, load_model
+    from backdoor_train.seeds import by_epoch_over_seeds
+
+    from backdoor_train.sweep import summarize
 
     trials = {t["name"]: t for t in summary["trials"]}
     results = {name: json.loads(storage.read_text(f"{name}/{RESULTS_KEY}")) for name in trials}
-    rows = []
+    # The statistics of this code, whichever release wrote summary.json.
+    summary = {**summary, **summarize(sweep, {t.name: results[t.name] for t in sweep.trials if t.name in results})}
+    trials = {t["name"]: t for t in summary["trials"]}
+    rows: list[list[Any]] = []
+    bands = {}
     for g in summary["groups"]:
-        for variant, f in g["variants"].items():
-            acc, asr = f["clean_accuracy"], f["attack_success_rate"]
-            rows.append([json.dumps(g["point"]), g["n_poisoned"], variant, acc["n"],
-                         f"{acc['mean']:.2%} ± {acc['std']:.2%}", f"{asr['mean']:.2%} ± {asr['std']:.2%}",
-                         f"{asr['min']:.1%}–{asr['max']:.1%}"])
-    curves = {f"{n} {v}": r["variants"][v]["history"] for n, r in results.items() for v in r["variants"]}
+        point = json.dumps(g["point"]) if g["point"] else "all"
+        header, group_rows = _statistics_table(g, f"{point} ({g['n_poisoned']} poisoned)")
+        rows += group_rows
+        for variant, by_key in by_epoch_over_seeds([results[t] for t in g["trials"]]).items():
+            bands[f"{point if g['point'] else ''} {variant}".strip()] = by_key
     mean_by_variant: dict[str, dict[str, float]] = {}
     for g in summary["groups"]:
         for variant, f in g["variants"].items():
-            mean_by_variant[f"{json.dumps(g['point'])} {variant}"] = {
-                "clean_accuracy": f["clean_accuracy"]["mean"], "attack_success_rate": f["attack_success_rate"]["mean"]}
+            mean_by_variant[f"{json.dumps(g['point'])} {variant}"] = _means(f)
 
     rate_part = "<p>This sweep's grid has no poison.rate axis.</p>"
     if "poison.rate" in summary["grid"]:
@@ -182,6 +283,7 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
             for variant in groups[0]["variants"]:
                 rates = [g["point"]["poison.rate"] * 100 for g in groups]
                 asr = [g["variants"][variant]["attack_success_rate"] for g in groups]
+                rates, asr = [r for r, a in zip(rates, asr) if a["n"]], [a for a in asr if a["n"]]  # n 0: no ASR
                 ax.errorbar(rates, [a["mean"] for a in asr],
                             yerr=[[a["mean"] - a["min"] for a in asr], [a["max"] - a["mean"] for a in asr]],
                             marker="o", capsize=3, label=variant if other == "{}" else f"{other} {variant}")
@@ -204,9 +306,8 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
     detection = (json.loads(storage.read_text(f"{example_trial}/{DETECTION_KEY}"))
                  if storage.exists(f"{example_trial}/{DETECTION_KEY}") else None)
     parts = {
-        "Summary": _table(["grid point", "poisoned", "variant", "seeds", "clean accuracy", "ASR", "ASR range"],
-                          rows),
-        "Training curves": _curves(curves),
+        "Summary": _table(header, rows) + "<h3>Per trial</h3>" + _seed_table(summary["trials"], "trial"),
+        "Training curves": _bands(bands),
         "Clean accuracy vs ASR": _acc_vs_asr(mean_by_variant),
         "ASR vs poison rate": rate_part,
         "Example images": f"<p>From trial {html.escape(example_trial)}.</p>" + _examples(cfg, models),

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from backdoor_train.config import load_config
+from backdoor_train.config import load_config, parse_seeds
 from backdoor_train.experiment import absolute_paths
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -30,13 +30,15 @@ class SubmitError(RuntimeError):
 
 
 def submit(config_path: str, address: str, overrides: list[str], upload: bool = True, wait: bool = True,
-           log: Callable[[str], None] = print, poll_seconds: float = 2.0) -> tuple[str, Optional[str]]:
-    """Submit; return (job id, final status or None when not waiting)."""
+           log: Callable[[str], None] = print, poll_seconds: float = 2.0,
+           seeds: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """Submit; return (job id, final status or None when not waiting). ``seeds`` is ``--seeds``."""
     from ray.job_submission import JobSubmissionClient
 
+    parsed = parse_seeds(seeds) if seeds is not None else None  # ConfigError on bad input, before any connection
     runtime_env = None
     if upload:
-        cfg = absolute_paths(load_config(config_path, overrides))  # ConfigError on bad input
+        cfg = absolute_paths(load_config(config_path, overrides, parsed))  # ConfigError on bad input
         workdir = tempfile.mkdtemp(prefix="backdoor-train-job-")
         with open(os.path.join(workdir, "experiment.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
@@ -44,7 +46,7 @@ def submit(config_path: str, address: str, overrides: list[str], upload: bool = 
         entrypoint = "backdoor-train run experiment.yaml"
     else:
         entrypoint = "backdoor-train run " + shlex.quote(config_path) + "".join(
-            " --set " + shlex.quote(o) for o in overrides)
+            " --set " + shlex.quote(o) for o in overrides) + (f" --seeds {shlex.quote(seeds)}" if seeds is not None else "")
     deadline = time.monotonic() + AGENT_WAIT_SECONDS
     while True:
         try:

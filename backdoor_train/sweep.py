@@ -11,10 +11,11 @@ A sweep file names a base experiment and a grid of dotted keys to values::
     max_concurrent: 2
 
 Every grid point is one trial: a full experiment with its own name, manifest and results,
-stored under ``<storage.path>/<sweep name>/``. Trials run as Ray tasks that each launch a
-TorchTrainer, at most ``max_concurrent`` at once; they all read the same data root. The
-summary groups trials that differ only in ``seed`` and gives mean, standard deviation, min
-and max of clean accuracy and ASR.
+stored under ``<storage.path>/<sweep name>/``. Trials run as Ray tasks (trials.py), at most
+``max_concurrent`` at once; trials finished earlier with the same setting are reused. The
+summary groups trials that differ only in ``seed`` and describes each group as a multi-seed
+experiment does (seeds.py): mean, standard deviation, 95% t interval, min and max of clean
+accuracy and ASR, and the paired clean-accuracy difference.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,8 +30,9 @@ import yaml
 
 from backdoor_train.config import ConfigError, ExperimentConfig, _apply_override, load_config
 from backdoor_train.experiment import absolute_paths
-from backdoor_train.fitting import check_cluster
+from backdoor_train.seeds import format_statistics, seed_row, seed_statistics
 from backdoor_train.storage import Storage, open_storage
+from backdoor_train.trials import run_trials
 
 SUMMARY_KEY = "summary.json"
 
@@ -82,6 +83,9 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
     if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
         raise ConfigError(f"sweep max_concurrent must be an integer >= 1 (got {max_concurrent!r})")
 
+    if base.seeds:
+        raise ConfigError(f"sweep base {data['base']}: seeds is set; a sweep's seeds are its grid's seed axis "
+                          f"(grid: {{seed: {list(base.seeds)}}})")
     base = absolute_paths(base)
     storage = base.storage.path.rstrip("/") + "/" + name
     trials = []
@@ -103,65 +107,17 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
     return SweepConfig(name=name, base=base, grid=grid, max_concurrent=max_concurrent, trials=trials)
 
 
-def _run_trial(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    from backdoor_train.experiment import run_experiment
-
-    cfg = ExperimentConfig.from_dict(cfg_dict)
-    return run_experiment(cfg, log=lambda m: print(f"[{cfg.name}] {m}", flush=True))
-
-
 def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every trial (as Ray tasks launching TorchTrainers) and write the summary."""
-    import ray
-
+    """Run every trial not finished before (as Ray tasks launching TorchTrainers) and write the summary."""
     storage = sweep.storage()
     storage.check()
-    at_once = trials_at_once(sweep)
-    # num_cpus=0: the task only drives its trainers; the trainers' workers hold the CPUs.
-    remote = ray.remote(num_cpus=0, max_retries=0)(_run_trial)
-    pending = list(sweep.trials)
-    running: dict[Any, ExperimentConfig] = {}
-    results: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}
-    log(f"sweep {sweep.name}: {len(pending)} trials, {at_once} at once (max_concurrent {sweep.max_concurrent}; "
-        f"what the cluster holds with every variant of a trial training at once)")
-    while pending or running:
-        while pending and len(running) < at_once:
-            cfg = pending.pop(0)
-            running[remote.remote(cfg.to_dict())] = cfg
-        done, _ = ray.wait(list(running), num_returns=1)
-        cfg = running.pop(done[0])
-        try:
-            results[cfg.name] = ray.get(done[0])
-            log(f"trial {cfg.name} finished ({len(results) + len(failures)}/{len(sweep.trials)})")
-        except Exception as exc:
-            failures[cfg.name] = f"{type(exc).__name__}: {exc}"[:2000]
-            log(f"trial {cfg.name} FAILED: {failures[cfg.name][:300]}")
+    log(f"sweep {sweep.name}: {len(sweep.trials)} trials")
+    results, failures = run_trials(sweep.trials, sweep.max_concurrent, log)
     summary = summarize(sweep, results)
     summary["failures"] = failures
     storage.write_text(SUMMARY_KEY, json.dumps(summary, indent=1, sort_keys=True))
     summary["summary_uri"] = storage.key_uri(SUMMARY_KEY)
     return summary
-
-
-def trials_at_once(sweep: SweepConfig, total: dict[str, float] | None = None) -> int:
-    """``max_concurrent``, or fewer where the cluster cannot hold every trainer of that many
-    trials at once: an oversubscribed trainer waits for resources and times out its worker
-    group's start (Train retries it, with a traceback each minute) instead of queueing."""
-    if total is None:
-        import ray
-
-        total = ray.cluster_resources()  # once, not per trial
-    at_once = sweep.max_concurrent
-    for trial in sweep.trials:
-        trainers = check_cluster(trial, sweep.max_concurrent * len(trial.variants), total)
-        at_once = min(at_once, max(1, trainers // len(trial.variants)))
-    return at_once
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
 
 
 def summarize(sweep: SweepConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -182,37 +138,20 @@ def summarize(sweep: SweepConfig, results: dict[str, dict[str, Any]]) -> dict[st
         gid = json.dumps(point, sort_keys=True)
         group = groups.setdefault(gid, {"point": point, "trials": []})
         group["trials"].append(cfg.name)
-        res = results[cfg.name]
-        trials.append({"name": cfg.name, "seed": cfg.seed, "point": point, "n_poisoned": res["n_poisoned"],
-                       "variants": {v: {"clean_accuracy": r["clean_accuracy"],
-                                        "attack_success_rate": r["attack_success_rate"]}
-                                    for v, r in res["variants"].items()}})
+        trials.append({"name": cfg.name, "point": point, **seed_row(cfg.seed, results[cfg.name])})
     for group in groups.values():
         members = [t for t in trials if t["name"] in group["trials"]]
         group["n_poisoned"] = members[0]["n_poisoned"]
-        group["variants"] = {}
-        for variant in members[0]["variants"]:
-            group["variants"][variant] = {
-                metric: _stats([t["variants"][variant][metric] for t in members])
-                for metric in ("clean_accuracy", "attack_success_rate")}
+        group.update(seed_statistics([t["variants"] for t in members]))
     return {"sweep": sweep.name, "grid": sweep.grid, "groups": list(groups.values()), "trials": trials}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"sweep {summary['sweep']}: mean ± std (min–max) over seeds", ""]
-    keys = list(summary["groups"][0]["point"]) if summary["groups"] else []
-    head = " ".join(f"{k:>14}" for k in keys)
-    lines.append(f"{head} {'poisoned':>8} {'variant':>9} {'seeds':>5} {'clean acc':>24} {'ASR':>24}")
+    lines = [f"sweep {summary['sweep']}: mean ± std [95% t interval] over seeds"]
     for g in summary["groups"]:
-        for variant, figs in g["variants"].items():
-            cells = " ".join(f"{_short(g['point'][k]):>14}" for k in keys)
-            acc, asr = figs["clean_accuracy"], figs["attack_success_rate"]
-            lines.append(f"{cells} {g['n_poisoned']:>8} {variant:>9} {acc['n']:>5} "
-                         f"{_fmt(acc):>24} {_fmt(asr):>24}")
+        point = ", ".join(f"{k}={_short(v)}" for k, v in g["point"].items()) or "all trials"
+        lines += ["", f"{point} ({g['n_poisoned']} poisoned images)"]
+        lines += format_statistics(g, indent="  ")
     if summary.get("failures"):
         lines += ["", f"{len(summary['failures'])} trial(s) failed: {', '.join(summary['failures'])}"]
     return "\n".join(lines)
-
-
-def _fmt(s: dict[str, float]) -> str:
-    return f"{s['mean']:.2%} ± {s['std']:.2%} ({s['min']:.1%}–{s['max']:.1%})"

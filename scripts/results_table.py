@@ -6,11 +6,13 @@
 import json
 import sys
 
+from backdoor_train.stats import fmt_pct
+
 
 def main(path: str) -> None:
     summary = json.load(open(path))
     keys = list(summary["groups"][0]["point"])
-    print("| " + " | ".join(keys) + " | poisoned images | seeds | clean accuracy (mean ± std) | ASR (mean ± std) | ASR per seed |")
+    print("| " + " | ".join(keys) + " | poisoned images | seeds | clean accuracy (mean ± std [95% t interval]) | ASR (mean ± std [95% t interval]) | ASR per seed |")
     print("|" + " --- |" * (len(keys) + 5))
     trials = {t["name"]: t for t in summary["trials"]}
     for g in sorted(summary["groups"], key=lambda g: [(isinstance(v, str), str(v) if isinstance(v, str) else v)
@@ -20,8 +22,7 @@ def main(path: str) -> None:
             per_seed = ", ".join(f"s{trials[t]['seed']}: {trials[t]['variants'][variant]['attack_success_rate']:.2%}"
                                  for t in sorted(g["trials"], key=lambda t: trials[t]["seed"]))
             point = " | ".join(str(g["point"][k]) for k in keys)
-            print(f"| {point} | {g['n_poisoned']} | {acc['n']} | {acc['mean']:.2%} ± {acc['std']:.2%} | "
-                  f"{asr['mean']:.2%} ± {asr['std']:.2%} | {per_seed} |")
+            print(f"| {point} | {g['n_poisoned']} | {acc['n']} | {fmt_pct(acc)} | {fmt_pct(asr)} | {per_seed} |")
 
 
 if __name__ == "__main__":

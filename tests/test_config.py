@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from backdoor_train.config import ConfigError, ExperimentConfig, load_config
+from backdoor_train.config import ConfigError, ExperimentConfig, load_config, parse_seeds
 
 from conftest import REPO_ROOT
 
@@ -20,6 +20,7 @@ def test_article_yaml_is_the_articles_setting():
     assert (t.kind, t.row, t.col, t.value) == ("pixel", 3, 3, 1.0)
     assert cfg.seed == 1 and cfg.model.arch == "article_cnn"
     assert cfg.variants == ("clean", "poisoned")
+    assert cfg.poison.selection == "article" and cfg.seeds == ()
 
 
 def test_the_gpu_job_is_the_same_experiment_on_half_a_gpu_per_model():
@@ -79,6 +80,13 @@ def test_round_trip_through_dict():
     ({"metrics": {"pushgateway": "localhost:9091"}}, "metrics.pushgateway"),
     ({"name": "a/b"}, "name must be"),
     ({"seed": -1}, "seed must be >= 0"),
+    ({"seeds": [1, -2]}, "seeds[1] must be >= 0"),
+    ({"seeds": [1, 2, 1]}, "seeds must not repeat"),
+    ({"seeds": [2, 3]}, "seed must be the first of seeds"),
+    ({"seeds": [-1]}, "seeds[0] must be >= 0"),
+    ({"seeds": 3}, "seeds must be a list"),
+    ({"poison": {"selection": "random"}}, "poison.selection must be one of"),
+    ({"poison": {"source_classes": [1, 1]}}, "poison.source_classes must not repeat"),
     ({"variants": []}, "variants must not be empty"),
     ({"variants": ["dirty"]}, "variants must be drawn"),
     ({"train": {"epoch": 3}}, "unknown key train.epoch"),
@@ -120,3 +128,33 @@ def test_load_config_overrides_and_file_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(str(listy))
+
+
+@pytest.mark.parametrize("text, seeds", [("1-16", tuple(range(1, 17))), ("3", (3,)), ("1,2,5", (1, 2, 5)),
+                                         ("1-3, 9", (1, 2, 3, 9)), ("0-0", (0,))])
+def test_seeds_on_the_command_line(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a", "3-1", "1-", "-2", "1..4", "1,,2"])
+def test_bad_seeds_on_the_command_line(text):
+    with pytest.raises(ConfigError, match="--seeds must look like"):
+        parse_seeds(text)
+    with pytest.raises(ConfigError, match="more than 10000 seeds"):
+        parse_seeds("0-999999999999")
+
+
+def test_seeds_replace_seed_and_conflicts_are_refused(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "seed": 4}))
+    cfg = load_config(str(path), seeds=(2, 3))
+    assert (cfg.seeds, cfg.seed) == ((2, 3), 2)  # --seeds replaces the file's seed
+    with pytest.raises(ConfigError, match="seed and seeds are both set"):
+        load_config(str(path), ["seeds=[2, 3]"])
+    assert load_config(str(path), ["seeds=[4, 5]"]).seeds == (4, 5)  # seed is the first: no conflict
+    with pytest.raises(ConfigError, match="seeds must not repeat"):
+        load_config(str(path), seeds=parse_seeds("1-3,2"))
+    # A multi-seed config survives to_dict -> YAML -> load_config (submit and config.json do that).
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(str(again)) == cfg

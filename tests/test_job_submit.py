@@ -90,16 +90,20 @@ def test_ray_job_submit_runs_an_experiment(ray_head, tmp_path, mnist_root):
 
 def test_backdoor_train_submit_uploads_the_resolved_config(ray_head, tmp_path, mnist_root, capsys):
     path = _experiment(tmp_path, mnist_root, "via-cli", ["clean"])
-    assert main(["submit", str(path), "--address", ray_head, "--set", "train.epochs=1"]) == 0
+    # A multi-seed experiment of one seed: --seeds travels in the uploaded file (seed and seeds).
+    assert main(["submit", str(path), "--address", ray_head, "--set", "train.epochs=1", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "SUCCEEDED" in out and "[via-cli/clean] epoch 1/1" in out
-    results = json.loads((tmp_path / "runs" / "via-cli" / "results.json").read_text())
-    assert [h["epoch"] for h in results["variants"]["clean"]["history"]] == [1]
+    assert "SUCCEEDED" in out and "[seed-2/clean] epoch 1/1" in out
+    results = json.loads((tmp_path / "runs" / "via-cli" / "seed-2" / "results.json").read_text())
+    assert [h["epoch"] for h in results["variants"]["clean"]["history"]] == [1] and results["config"]["seed"] == 2
+    assert [r["seed"] for r in json.loads((tmp_path / "runs" / "via-cli" / "results.json").read_text())["per_seed"]] == [2]
 
 
 def test_submit_refuses_bad_config_and_unreachable_clusters(tmp_path, mnist_root, capsys):
     path = _experiment(tmp_path, mnist_root, "bad", ["clean"])
     assert main(["submit", str(path), "--address", "http://127.0.0.1:1", "--set", "poison.rate=7"]) == EXIT_BAD_INPUT
     assert "poison.rate must be in [0, 1]" in capsys.readouterr().err
+    assert main(["submit", str(path), "--address", "http://127.0.0.1:1", "--seeds", "3-1", "--no-upload"]) == EXIT_BAD_INPUT
+    assert "--seeds must look like" in capsys.readouterr().err
     assert main(["submit", str(path), "--address", f"http://127.0.0.1:{_free_port()}"]) == EXIT_BAD_INPUT
     assert "cannot submit to the Ray cluster" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,49 @@ def test_manifest_is_deterministic_and_describes_the_set(mnist_splits):
     assert m1.index_set() == frozenset(m1.indices)
     assert m1.trigger == {"kind": "pixel", "row": 3, "col": 3, "value": 1.0, "size": 3,
                           "alpha": 0.1, "pattern_seed": 0}
+
+
+def _articles_indices(seed: int, n_total: int, n: int) -> list[int]:
+    """The article's two lines, verbatim, on the global RNG (restored afterwards)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return sorted(torch.randperm(n_total)[:n].tolist())
+
+
+@pytest.mark.parametrize("seed, rate", [(1, 0.01), (7, 0.01), (3, 0.05)])
+def test_article_selection_is_the_articles_600_indices(mnist_splits, seed, rate):
+    labels = mnist_splits[0].labels
+    state = torch.random.get_rng_state()
+    chosen = select_poison_indices(labels, rate, seed, selection="article").tolist()
+    assert chosen == _articles_indices(seed, 60000, poison_count(60000, rate))
+    assert torch.equal(torch.random.get_rng_state(), state), "the global RNG is left alone"
+
+
+def test_article_selection_with_source_classes_keeps_the_permutations_order(mnist_splits):
+    labels = mnist_splits[0].labels
+    idx = select_poison_indices(labels, 0.01, 1, source_classes=(1, 7), selection="article")
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        perm = torch.randperm(60000)
+    expected = [int(i) for i in perm if int(labels[i]) in (1, 7)][:600]
+    assert idx.tolist() == sorted(expected)
+
+
+def test_numpy_selection_is_the_releases_before_it(mnist_splits):
+    labels = mnist_splits[0].labels
+    rng = np.random.Generator(np.random.PCG64(1))
+    expected = np.sort(rng.choice(np.arange(60000), size=600, replace=False))
+    assert np.array_equal(select_poison_indices(labels, 0.01, 1, selection="numpy"), expected)
+    assert not np.array_equal(select_poison_indices(labels, 0.01, 1, selection="article"), expected)
+
+
+def test_the_manifest_records_the_selection(mnist_splits):
+    train = mnist_splits[0]
+    _, article = build_poisoned(train, PoisonConfig(), seed=1)
+    _, numpy_ = build_poisoned(train, PoisonConfig(selection="numpy"), seed=1)
+    assert (article.selection, numpy_.selection) == ("article", "numpy")
+    assert article.indices == _articles_indices(1, 60000, 600) != numpy_.indices
+    # A manifest written before the field existed was drawn with numpy.
+    old = json.loads(numpy_.to_json())
+    del old["selection"]
+    assert PoisonManifest.from_json(json.dumps(old)) == numpy_

@@ -45,3 +45,34 @@ def test_train_env_sets_defaults_and_keeps_what_the_user_exported(monkeypatch):
     assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert float(TRAIN_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) <= 0.1
+
+
+def test_the_projects_progress_lines_escape_rays_log_dedup():
+    # Ray drops every word with a digit before comparing lines: both variants' lines of a seed
+    # would look alike and one would vanish. Its allow regex keeps the project's lines whole.
+    import re
+
+    from ray._private.ray_logging import _canonicalise_log_line
+
+    from backdoor_train.raysession import DRIVER_ENV
+
+    clean = "[seed-1/clean] epoch 3/10  loss 0.0691  test acc 98.44%  ASR 0.11%  9.8s  6097 samples/s"
+    poisoned = clean.replace("clean]", "poisoned]")
+    assert _canonicalise_log_line(clean) == _canonicalise_log_line(poisoned)
+    allow = re.compile(DRIVER_ENV["RAY_DEDUP_LOGS_ALLOW_REGEX"])
+    for line in (clean, poisoned, "[article] loaded MNIST", "[rate-0.01_seed-2/poisoned] worker set-up 2.0s"):
+        assert allow.search(line), line
+    assert not allow.search("(raylet) a line of Ray's own [x] y")
+
+
+def test_the_cli_sets_the_dedup_allowance_before_ray_is_imported(tmp_path, monkeypatch, mnist_root):
+    import yaml
+
+    from backdoor_train.cli import main
+    from backdoor_train.raysession import DRIVER_ENV
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": mnist_root}, "storage": {"path": str(tmp_path / "runs")}}))
+    assert main(["check", str(path)]) == 0  # the first thing main does; it imports no Ray before
+    assert os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] == DRIVER_ENV["RAY_DEDUP_LOGS_ALLOW_REGEX"]

@@ -13,7 +13,8 @@ from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
 from backdoor_train.report import SECTIONS
 from backdoor_train.raysession import ClusterError
-from backdoor_train.sweep import load_sweep, trials_at_once
+from backdoor_train.sweep import load_sweep
+from backdoor_train.trials import trials_at_once
 
 from conftest import REPO_ROOT
 
@@ -44,14 +45,14 @@ def test_the_gpu_seed_sweep_packs_16_trainers_on_one_gpu_and_no_sweep_oversubscr
     assert all(t.variants == ("clean", "poisoned") and t.scaling.use_gpu for t in gpu.trials)
     # A 16-CPU, one-GPU host holds all 8 trials x 2 variants at once; a 2-CPU machine 1 trial,
     # and the 2-CPU seed sweep (1 variant, 1 CPU per trial) its 2.
-    assert trials_at_once(gpu, {"CPU": 16.0, "GPU": 1.0}) == 8
-    assert trials_at_once(gpu, {"CPU": 4.0, "GPU": 1.0}) == 2
+    assert trials_at_once(gpu.trials, gpu.max_concurrent, {"CPU": 16.0, "GPU": 1.0}) == 8
+    assert trials_at_once(gpu.trials, gpu.max_concurrent, {"CPU": 4.0, "GPU": 1.0}) == 2
     cpu_only = dataclasses.replace(gpu, trials=[dataclasses.replace(
         t, scaling=dataclasses.replace(t.scaling, use_gpu=False)) for t in gpu.trials])
-    assert trials_at_once(cpu_only, {"CPU": 2.0}) == 1
-    assert trials_at_once(load_sweep(f"{REPO_ROOT}/jobs/seed_sweep.yaml"), {"CPU": 2.0}) == 2
+    assert trials_at_once(cpu_only.trials, cpu_only.max_concurrent, {"CPU": 2.0}) == 1
+    assert trials_at_once(load_sweep(f"{REPO_ROOT}/jobs/seed_sweep.yaml").trials, 2, {"CPU": 2.0}) == 2
     with pytest.raises(ClusterError, match="GPU per model"):
-        trials_at_once(gpu, {"CPU": 16.0})
+        trials_at_once(gpu.trials, gpu.max_concurrent, {"CPU": 16.0})
 
 
 @pytest.mark.parametrize("grid, extra, message", [

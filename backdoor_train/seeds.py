@@ -1,0 +1,144 @@
+"""Multi-seed experiments: the paired clean/poisoned experiment once per seed, and its figures
+over seeds.
+
+One seed says little: the backdoor is learned abruptly, somewhere between epochs 5 and 10,
+and when depends on the seed. ``seeds: [1, 2, ...]`` (or ``--seeds 1-16``) runs the experiment once per
+seed and reports, per variant, mean, standard deviation and 95% t interval of clean accuracy
+and ASR, the paired difference in clean accuracy, the per-epoch ASR over seeds and the epoch
+at which each seed's ASR first reaches 50%. Layout under ``storage.path``::
+
+    <name>/config.json           the multi-seed config (seeds may be added on a rerun)
+    <name>/seed-<s>/...          one full experiment per seed (see experiment.py)
+    <name>/results.json          per-seed rows and the statistics over them
+
+A sweep named ``<name>`` whose grid is ``seed: [...]`` over the same base stores its trials in
+exactly these folders, and both describe seeds with ``seed_statistics``: a sweep over seeds
+and a multi-seed experiment reuse each other's seeds and cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable
+
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.experiment import RESULTS_KEY, absolute_paths, check_existing_run
+from backdoor_train.fitting import check_cluster
+from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
+from backdoor_train.storage import open_storage
+from backdoor_train.trials import run_trials
+
+ASR_REACHED = 0.5  # "the backdoor is learned": the first epoch whose ASR reaches this
+
+
+def seed_name(seed: int) -> str:
+    return f"seed-{seed}"  # what a sweep over ``seed`` calls its trials too
+
+
+def seed_experiments(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """One single-seed experiment per seed, stored below the multi-seed experiment's folder."""
+    storage = dataclasses.replace(cfg.storage, path=cfg.storage.path.rstrip("/") + "/" + cfg.name)
+    return [dataclasses.replace(cfg, name=seed_name(s), seed=s, seeds=(), storage=storage) for s in cfg.seeds]
+
+
+def seed_row(seed: int, results: dict[str, Any]) -> dict[str, Any]:
+    """One seed's figures (from its experiment's results) as the statistics need them."""
+    return {"seed": seed, "n_poisoned": results["n_poisoned"], "results_uri": results.get("results_uri"),
+            "variants": {v: {"clean_accuracy": r["clean_accuracy"],
+                             "attack_success_rate": r["attack_success_rate"],
+                             "asr_reached_epoch": first_epoch_at(r["history"], "attack_success_rate", ASR_REACHED)}
+                         for v, r in results["variants"].items()}}
+
+
+def seed_statistics(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Figures over seeds from each seed's ``{variant: figures}``: per variant ``describe`` of
+    clean accuracy and ASR, and, with both variants, the paired difference in clean accuracy
+    (poisoned - clean, seed by seed)."""
+    variants = [v for v in per_seed[0] if all(v in seed for seed in per_seed)]
+    out: dict[str, Any] = {"variants": {
+        v: {m: describe([seed[v][m] for seed in per_seed]) for m in ("clean_accuracy", "attack_success_rate")}
+        for v in variants}}
+    if "clean" in variants and "poisoned" in variants:
+        out["clean_accuracy_difference"] = paired_difference(
+            [seed["clean"]["clean_accuracy"] for seed in per_seed],
+            [seed["poisoned"]["clean_accuracy"] for seed in per_seed])
+    return out
+
+
+def by_epoch_over_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per variant, the test accuracy and ASR of every epoch described over seeds."""
+    variants = [v for v in results[0]["variants"] if all(v in r["variants"] for r in results)]
+    return {v: {key: by_epoch([r["variants"][v]["history"] for r in results], key)
+                for key in ("test_accuracy", "attack_success_rate")} for v in variants}
+
+
+def aggregate(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], failures: dict[str, str],
+              started: float) -> dict[str, Any]:
+    """The multi-seed results: per-seed rows, statistics over them, the config."""
+    done = [(s, results[seed_name(s)]) for s in cfg.seeds if seed_name(s) in results]
+    rows = [seed_row(s, r) for s, r in done]
+    out: dict[str, Any] = {"experiment": cfg.name, "seeds": list(cfg.seeds), "started_at": started,
+                           "finished_at": time.time(), "per_seed": rows, "failures": failures,
+                           "config": cfg.to_dict()}
+    if rows:
+        out["n_poisoned"] = rows[0]["n_poisoned"]
+        out.update(seed_statistics([row["variants"] for row in rows]))
+        out["by_epoch"] = by_epoch_over_seeds([r for _, r in done])
+    return out
+
+
+def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the experiment once per seed in ``cfg.seeds`` (seeds finished earlier are reused),
+    as many seeds at once as the cluster holds; write and return the multi-seed results."""
+    cfg = absolute_paths(cfg)
+    check_cluster(cfg)  # before anything is written or trained: a config the cluster cannot hold
+    storage = open_storage(cfg.storage)
+    storage.check()
+    check_existing_run(cfg, storage, log)
+    started = time.time()
+    log(f"{len(cfg.seeds)} seeds: the experiment runs once per seed, below {storage.key_uri(cfg.name)}")
+    results, failures = run_trials(seed_experiments(cfg), len(cfg.seeds), log, what="seed")
+    out = aggregate(cfg, results, failures, started)
+    storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(out, indent=1, sort_keys=True))
+    out["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")
+    return out
+
+
+def format_statistics(stats: dict[str, Any], indent: str = "") -> list[str]:
+    """Table rows of ``seed_statistics``: mean ± std [95% interval], and the ASR's range."""
+    lines = [f"{indent}{'variant':<10} {'seeds':>5}  {'clean accuracy':<34} {'ASR':<34} {'ASR min–max':>13}"]
+    for variant, figs in stats["variants"].items():
+        acc, asr = figs["clean_accuracy"], figs["attack_success_rate"]
+        lines.append(f"{indent}{variant:<10} {acc['n']:>5}  {fmt_pct(acc):<34} {fmt_pct(asr):<34} "
+                     f"{fmt_range(asr):>13}")
+    if "clean_accuracy_difference" in stats:
+        lines.append(f"{indent}clean accuracy, poisoned − clean, paired by seed: "
+                     f"{fmt_pp(stats['clean_accuracy_difference'])}")
+    return lines
+
+
+def format_seed_results(out: dict[str, Any]) -> str:
+    cfg = out["config"]
+    lines = [f"experiment {out['experiment']}: {len(out['per_seed'])} of {len(out['seeds'])} seeds, "
+             f"{out.get('n_poisoned', '?')} poisoned training images, target {cfg['poison']['target']}, "
+             f"{cfg['poison']['selection']} selection", "",
+             "mean ± std [95% t interval] over seeds:"]
+    if out["per_seed"]:
+        lines += format_statistics(out)
+        variants = list(out["variants"])
+        lines += ["", f"per seed (ASR ≥ {ASR_REACHED:.0%} first at epoch; '-' never):",
+                  f"{'seed':>6}  " + "  ".join(f"{v + ' acc':>13} {v + ' ASR':>13} {'epoch':>5}" for v in variants)]
+        for row in out["per_seed"]:
+            cells = []
+            for v in variants:
+                r = row["variants"][v]
+                epoch = r["asr_reached_epoch"]
+                cells.append(f"{r['clean_accuracy']:>13.2%} {r['attack_success_rate']:>13.2%} "
+                             f"{'-' if epoch is None else epoch:>5}")
+            lines.append(f"{row['seed']:>6}  " + "  ".join(cells))
+    if out["failures"]:
+        lines += ["", f"{len(out['failures'])} seed(s) failed: {', '.join(out['failures'])}"]
+    lines += ["", f"results: {out.get('results_uri', '(not saved)')}"]
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Running many experiments ("trials") on one Ray cluster: a sweep's grid points, a multi-seed
+experiment's seeds.
+
+Each trial is a Ray task that runs ``run_experiment`` (which trains the trial's variants at
+once); as many trials run at once as the cluster holds with every variant training. A trial
+whose results already exist with the same setting is not trained again, so an interrupted
+sweep or multi-seed run, rerun, trains only what is missing (and a half-trained trial resumes
+from its checkpoints). Sweeps and multi-seed experiments share this code, so they train and
+skip the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from backdoor_train.config import ExperimentConfig
+from backdoor_train.experiment import finished_run, refuse_other_setting
+from backdoor_train.fitting import check_cluster
+from backdoor_train.storage import open_storage
+
+
+def trials_at_once(trials: list[ExperimentConfig], max_concurrent: int,
+                   total: dict[str, float] | None = None) -> int:
+    """``max_concurrent``, or fewer where the cluster cannot hold every trainer of that many
+    trials at once: an oversubscribed trainer waits for resources and times out its worker
+    group's start (Train retries it, with a traceback each minute) instead of queueing."""
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources()  # once, not per trial
+    at_once = max_concurrent
+    for trial in trials:
+        trainers = check_cluster(trial, max_concurrent * len(trial.variants), total)
+        at_once = min(at_once, max(1, trainers // len(trial.variants)))
+    return at_once
+
+
+def _run_trial(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    from backdoor_train.experiment import run_experiment
+
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    return run_experiment(cfg, log=lambda m: print(f"[{cfg.name}] {m}", flush=True))
+
+
+def run_trials(trials: list[ExperimentConfig], max_concurrent: int, log: Callable[[str], None] = print,
+               what: str = "trial") -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Run every trial not finished before; return ({name: results}, {name: failure})."""
+    import ray
+
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for cfg in trials:
+        earlier = finished_run(cfg, open_storage(cfg.storage))
+        if earlier is None:
+            pending.append(cfg)
+        else:
+            results[cfg.name] = earlier
+    if results:
+        log(f"{len(results)} {what}(s) finished earlier with the same setting, not trained again: "
+            f"{', '.join(results)}")
+    if not pending:
+        return results, {}
+    for cfg in pending:  # a folder of another setting is bad input: refuse before any training
+        refuse_other_setting(cfg, open_storage(cfg.storage))
+    at_once = trials_at_once(pending, max_concurrent)
+    log(f"{len(pending)} {what}(s) to train, {at_once} at once (at most {max_concurrent}; what the cluster "
+        f"holds with every variant of a {what} training at once)")
+    # num_cpus=0: the task only drives its trainers; the trainers' workers hold the CPUs.
+    remote = ray.remote(num_cpus=0, max_retries=0)(_run_trial)
+    running: dict[Any, ExperimentConfig] = {}
+    failures: dict[str, str] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < at_once:
+                cfg = pending.pop(0)
+                running[remote.remote(cfg.to_dict())] = cfg
+            done, _ = ray.wait(list(running), num_returns=1)
+            cfg = running.pop(done[0])
+            try:
+                results[cfg.name] = ray.get(done[0])
+                log(f"{what} {cfg.name} finished ({len(results) + len(failures)}/{len(trials)})")
+            except Exception as exc:
+                failures[cfg.name] = f"{type(exc).__name__}: {exc}"[:2000]
+                log(f"{what} {cfg.name} FAILED: {failures[cfg.name][:300]}")
+    except BaseException:
+        # Ctrl-C: a cancelled task gets KeyboardInterrupt and aborts its trainers, whose
+        # checkpoints stay for the rerun; wait a little for that to happen.
+        for ref in running:
+            ray.cancel(ref)
+        if running:
+            ray.wait(list(running), num_returns=len(running), timeout=30)
+        raise
+    return results, failures

@@ -105,19 +105,24 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError, SubmitError, ClusterError
 
 
-def _preflight(cfg: Any, resuming_check: bool) -> Any:
-    """Everything that can be checked without Ray: data root, storage, endpoints, earlier runs."""
-    from backdoor_train.datasource import resolve_data_root
+def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
+    """Everything that can be checked without Ray: data root (and, with ``load_data``, its
+    files), storage, endpoints, earlier runs of the name. Writes nothing."""
+    from backdoor_train.datasource import load_splits, resolve_data_root
     from backdoor_train.experiment import absolute_paths, check_existing_run
     from backdoor_train.metrics import make_run_metrics
+    from backdoor_train.seeds import check_seed_folders, seed_experiments
     from backdoor_train.storage import open_storage
 
     cfg = absolute_paths(cfg)
     resolve_data_root(cfg)
+    if load_data:
+        load_splits(cfg)  # corrupt or truncated files: what run would refuse later
     storage = open_storage(cfg.storage)
     storage.check()
     if resuming_check:
         check_existing_run(cfg, storage, log=lambda msg: None)  # run_experiment says it again
+        check_seed_folders(seed_experiments(cfg))
     make_run_metrics(cfg, run_id="preflight").check()
     return cfg
 
@@ -129,7 +134,7 @@ def _ray_init(address: Optional[str]) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    cfg = _preflight(_load(args), resuming_check=False)
+    cfg = _preflight(_load(args), resuming_check=True, load_data=True)
     seeds = f", {len(cfg.seeds)} seeds" if cfg.seeds else ""
     print(f"{args.config}: OK (experiment {cfg.name!r}, variants {', '.join(cfg.variants)}{seeds})")
     return 0
@@ -180,23 +185,20 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    import yaml
-
-    from backdoor_train.config import ConfigError
+    from backdoor_train.config import ConfigError, read_yaml
     from backdoor_train.experiment import absolute_paths
     from backdoor_train.report import experiment_report, sweep_report
     from backdoor_train.storage import StorageError, open_storage
     from backdoor_train.sweep import SUMMARY_KEY, load_sweep
 
-    with open(args.config, encoding="utf-8") as fh:
-        is_sweep = isinstance(data := yaml.safe_load(fh), dict) and "grid" in data
+    is_sweep = isinstance(data := read_yaml(args.config), dict) and "grid" in data
     if is_sweep and args.seeds is not None:
         raise ConfigError("--seeds: a sweep's seeds are its grid's seed axis, not an option")
     try:
         if is_sweep:
             sweep = load_sweep(args.config, args.overrides)
             storage = sweep.storage()
-            name, page = sweep.name, sweep_report(sweep, storage, json.loads(storage.read_text(SUMMARY_KEY)))
+            name, page = sweep.name, sweep_report(sweep, storage, storage.read_json(SUMMARY_KEY))
             storage.write_text("report.html", page)
         else:
             cfg = absolute_paths(_load(args))
@@ -205,6 +207,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
             storage.write_text(f"{cfg.name}/report.html", page)
     except StorageError as exc:
         raise StorageError(f"{exc} (has {args.config} been run?)") from None
+    except (KeyError, TypeError, IndexError) as exc:  # valid JSON, but not what a run writes
+        raise StorageError(f"the stored results of {args.config} are incomplete or corrupt "
+                           f"({type(exc).__name__}: {exc}); rerun it to rewrite them") from None
     out = args.out or f"{name}-report.html"
     with open(out, "w", encoding="utf-8") as fh:
         fh.write(page)

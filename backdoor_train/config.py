@@ -9,6 +9,7 @@ naming the dotted key, so a bad file fails before any Ray work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -24,6 +25,8 @@ TRIGGER_KINDS = ("pixel", "patch", "blend")
 # How the poisoned images are drawn (poison.py): "article" is the article's own
 # torch.manual_seed(seed); torch.randperm(N)[:n], "numpy" numpy's PCG64 choice (before 0.2).
 SELECTIONS = ("article", "numpy")
+MAX_INT = 2**53  # integers a JSON reader (config.json, results.json) holds exactly
+MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding takes without surprises
 MAX_SEEDS = 10_000  # each seed is a whole experiment: more is a typo, not a plan
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -118,7 +121,8 @@ class TriggerConfig:
                        f"(got {pos} with extent {extent})")
         if self.kind == "blend":
             _check(0.0 < self.alpha <= 1.0, f"{k}.alpha must be in (0, 1] (got {self.alpha})")
-            _check(self.pattern_seed >= 0, f"{k}.pattern_seed must be >= 0 (got {self.pattern_seed})")
+            _check(0 <= self.pattern_seed <= MAX_SEED,
+                   f"{k}.pattern_seed must be in [0, {MAX_SEED}] (got {self.pattern_seed})")
 
 
 @dataclass(frozen=True)
@@ -209,13 +213,12 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(_NAME_RE.match(self.name)),
-               f"name must be 1-100 characters of letters, digits, '_', '.', '-' (got {self.name!r})")
+        check_name(self.name, "name")
         _check(len(self.seeds) <= MAX_SEEDS, f"seeds must hold at most {MAX_SEEDS} seeds (got {len(self.seeds)})")
         for i, s in enumerate(self.seeds):
-            _check(s >= 0, f"seeds[{i}] must be >= 0 (got {s})")
+            _check(0 <= s <= MAX_SEED, f"seeds[{i}] must be in [0, {MAX_SEED}] (got {s})")
         _check(len(set(self.seeds)) == len(self.seeds), "seeds must not repeat")
-        _check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
         _check(not self.seeds or self.seed == self.seeds[0],
                f"seed must be the first of seeds when seeds is set (got seed {self.seed}, seeds {list(self.seeds)})")
         _check(len(self.variants) > 0, "variants must not be empty")
@@ -268,11 +271,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         # bool is an int subclass in Python; `epochs: true` is a mistake, not 1.
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer (got {value!r})")
+        if not -MAX_INT <= value <= MAX_INT:  # numpy, torch and JSON readers hold 64 bits at most
+            raise ConfigError(f"{key} is too large (got {value}; at most {MAX_INT})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number (got {value!r})")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} is too large (got {value})") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number (got {value})")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string (got {value!r})")
@@ -292,9 +303,11 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override {key}: {part} is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"override {key}: {exc}") from None
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -310,17 +323,61 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, refusing what would pass unnoticed: a key given twice (YAML keeps the
+    last one silently) and aliases (``*name``: a few lines can expand into a huge value)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML aliases (*name) are not supported; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text (a file's, or a ``--set`` value) with ``_StrictLoader``."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """A YAML file's content; every way a path can be wrong is a ``ConfigError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_yaml(fh.read())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (a binary file?)") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
+
+
+def check_name(value: Any, key: str) -> None:
+    """Names become folders and Ray run names: letters, digits, '_', '.', '-' only."""
+    _check(isinstance(value, str) and bool(_NAME_RE.match(value)),
+           f"{key} must be 1-100 characters of letters, digits, '_', '.', '-' (got {value!r})")
+
+
 def load_config(path: str, overrides: Optional[list[str]] = None,
                 seeds: Optional[tuple[int, ...]] = None) -> ExperimentConfig:
     """Read an experiment YAML file, apply ``key.sub=value`` overrides, validate everything.
     ``seeds`` (``--seeds``) replaces the file's ``seed``/``seeds``."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -38,12 +38,13 @@ def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
     storage = open_storage(cfg.storage)
     storage.check()
     try:
-        manifest = PoisonManifest.from_json(storage.read_text(f"{cfg.name}/{MANIFEST_KEY}"))
+        manifest = PoisonManifest(**storage.read_json(f"{cfg.name}/{MANIFEST_KEY}"))
         weights = storage.read_bytes(f"{cfg.name}/poisoned/model.pt")
+    except TypeError as exc:  # a JSON object, but not a manifest
+        raise StorageError(f"{storage.key_uri(cfg.name + '/' + MANIFEST_KEY)} is corrupt ({exc})") from None
     except StorageError as exc:
         raise StorageError(f"{exc}: run the experiment with the poisoned variant first") from None
-    model = build_model(cfg.model.arch)
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
+    model = _model_from(weights, cfg.model.arch, storage.key_uri(f"{cfg.name}/poisoned/model.pt"))
 
     train, test = load_splits(cfg)
     poisoned, rebuilt = build_poisoned(train, cfg.poison, cfg.seed)
@@ -90,7 +91,15 @@ def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
 
 
 def load_model(storage: Any, name: str, variant: str, arch: str) -> torch.nn.Module:
+    key = f"{name}/{variant}/model.pt"
+    return _model_from(storage.read_bytes(key), arch, storage.key_uri(key))
+
+
+def _model_from(weights: bytes, arch: str, uri: str) -> torch.nn.Module:
     model = build_model(arch)
-    model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(f"{name}/{variant}/model.pt")),
-                                     map_location="cpu"))
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
+    except Exception as exc:  # truncated file, another architecture: the stored model is unusable
+        raise StorageError(f"{uri} is corrupt or of another model.arch ({type(exc).__name__}): "
+                           f"rerun the experiment") from None
     return model

@@ -21,13 +21,13 @@ from typing import Any, Callable
 import torch
 
 from backdoor_train.checkpointing import latest_valid_in_storage
-from backdoor_train.config import ConfigError, ExperimentConfig
+from backdoor_train.config import VARIANTS, ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
 from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
-from backdoor_train.storage import Storage, open_storage
+from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.train import restore_model
 
 MANIFEST_KEY = "poison_manifest.json"
@@ -69,7 +69,11 @@ def refuse_other_setting(cfg: ExperimentConfig, storage: Storage) -> None:
     """A ``ConfigError`` naming the differing keys when ``cfg.name`` holds a run of another setting."""
     key = f"{cfg.name}/{CONFIG_KEY}"
     if storage.exists(key):
-        diffs = setting_diffs(json.loads(storage.read_text(key)), cfg)
+        try:
+            diffs = setting_diffs(storage.read_json(key), cfg)
+        except StorageError as exc:
+            raise ConfigError(f"name: {exc}; delete it to rerun {cfg.name!r} (the checkpoints stay usable), "
+                              f"or choose a new name") from None
         if diffs:
             raise ConfigError(f"name: experiment {cfg.name!r} already exists at {storage.key_uri(cfg.name)} "
                               f"with a different setting ({'; '.join(diffs)}): choose a new name or delete it")
@@ -77,33 +81,52 @@ def refuse_other_setting(cfg: ExperimentConfig, storage: Storage) -> None:
 
 def check_existing_run(cfg: ExperimentConfig, storage: Storage, log: Callable[[str], None]) -> None:
     """Rerunning an experiment name resumes it; refuse when the earlier run trained something
-    else, or when all its checkpoints are corrupt. Records the config for later reruns."""
-    key = f"{cfg.name}/{CONFIG_KEY}"
+    else, or when all its checkpoints are corrupt. Writes nothing: ``record_config`` does, once
+    training is about to start, so a run refused before it leaves the name free."""
     refuse_other_setting(cfg, storage)
     for variant in () if cfg.seeds else cfg.variants:
         found = latest_valid_in_storage(storage, f"{cfg.name}/{variant}", log)
         if found:
             log(f"{variant}: an earlier run left checkpoints; resuming from {storage.key_uri(found)}")
-    storage.write_text(key, json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+
+
+def record_config(cfg: ExperimentConfig, storage: Storage) -> None:
+    """The setting of the run under ``cfg.name``, which reruns are checked against."""
+    storage.write_text(f"{cfg.name}/{CONFIG_KEY}", json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+
+
+def earlier_results(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
+    """The results an earlier run under ``cfg.name`` wrote, if it trained with the same setting
+    (the same epochs too; any variants); None when there are none or they are unreadable."""
+    key = f"{cfg.name}/{RESULTS_KEY}"
+    if not storage.exists(key):
+        return None
+    try:
+        results = storage.read_json(key)
+        same = not setting_diffs(results["config"], cfg) and \
+            results["config"]["train"]["epochs"] == cfg.train.epochs and isinstance(results["variants"], dict)
+    except (StorageError, KeyError, TypeError):  # unreadable: run again, which rewrites it
+        return None
+    return {**results, "results_uri": storage.key_uri(key)} if same else None
 
 
 def finished_run(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
     """The results of an earlier run of ``cfg`` that trained every variant it asks for with the
     same setting, reduced to those variants; None when there is none (then it must run)."""
-    key = f"{cfg.name}/{RESULTS_KEY}"
-    if not storage.exists(key):
+    results = earlier_results(cfg, storage)
+    if results is None or not all(v in results["variants"] for v in cfg.variants):
         return None
-    try:
-        results = json.loads(storage.read_text(key))
-        same = not setting_diffs(results["config"], cfg) and \
-            results["config"]["train"]["epochs"] == cfg.train.epochs
-        have = results["variants"]
-    except (ValueError, KeyError, TypeError):  # unreadable: run again, which rewrites it
-        return None
-    if not same or not all(v in have for v in cfg.variants):
-        return None
-    return {**results, "variants": {v: have[v] for v in cfg.variants},
-            "results_uri": storage.key_uri(key)}
+    return {**results, "variants": {v: results["variants"][v] for v in cfg.variants}}
+
+
+def merge_variants(new: dict[str, Any], earlier: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """This run's variants plus those an earlier run of the same setting trained and this one
+    did not (a rerun of one variant must not lose the other's figures), in ``VARIANTS`` order;
+    and, for each kept one, the run that trained it."""
+    kept = {v: r for v, r in (earlier or {}).get("variants", {}).items() if v not in new}
+    merged = {**kept, **new}
+    return ({v: merged[v] for v in VARIANTS if v in merged},
+            {v: (earlier or {}).get("run_id", "?") for v in kept})
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -136,6 +159,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     poison_seconds = time.perf_counter() - t0
     log(f"poisoned {manifest.n_poisoned} of {manifest.n_total} training images "
         f"(target {cfg.poison.target}, trigger {cfg.poison.trigger.kind}, {poison_seconds * 1000:.0f} ms)")
+    record_config(cfg, storage)  # every check passed: from here on the name holds this setting
     storage.write_text(f"{cfg.name}/{MANIFEST_KEY}", manifest.to_json())
     hashes = {"clean": manifest.sha256_clean, "poisoned": manifest.sha256_poisoned}
     eval_sets = build_eval_sets(test, cfg.poison)
@@ -168,8 +192,9 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
             if spec.variant not in variants:
                 _push(log, run_metrics.variant_failed, spec.variant)
         raise
-    variants = {v: variants[v] for v in cfg.variants}  # the config's order, not the finishing order
-
+    variants, kept = merge_variants(variants, earlier_results(cfg, storage))
+    if kept:
+        log(f"results keep {', '.join(kept)} from the earlier run of this setting (not trained now)")
     results = {
         "experiment": cfg.name,
         "run_id": run_id,
@@ -179,6 +204,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
         "n_poisoned": manifest.n_poisoned,
         "poison_manifest": storage.key_uri(f"{cfg.name}/{MANIFEST_KEY}"),
         "variants": variants,
+        "kept_from_earlier_runs": kept,
         "config": cfg.to_dict(),
     }
     storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(results, indent=1, sort_keys=True))

@@ -198,11 +198,11 @@ def _page(title: str, parts: dict[str, str]) -> str:
 def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
     from backdoor_train.defense import DETECTION_KEY, load_model
 
-    results = json.loads(storage.read_text(f"{cfg.name}/{RESULTS_KEY}"))
+    results = storage.read_json(f"{cfg.name}/{RESULTS_KEY}")
     if "per_seed" in results:  # what was run decides, not whether --seeds was given again
         return seeds_report(cfg, storage, results)
     variants = results["variants"]
-    detection = (json.loads(storage.read_text(f"{cfg.name}/{DETECTION_KEY}"))
+    detection = (storage.read_json(f"{cfg.name}/{DETECTION_KEY}")
                  if storage.exists(f"{cfg.name}/{DETECTION_KEY}") else None)
     models = {v: load_model(storage, cfg.name, v, cfg.model.arch) for v in variants}
     parts = {
@@ -254,7 +254,7 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
     from backdoor_train.sweep import summarize
 
     trials = {t["name"]: t for t in summary["trials"]}
-    results = {name: json.loads(storage.read_text(f"{name}/{RESULTS_KEY}")) for name in trials}
+    results = {name: storage.read_json(f"{name}/{RESULTS_KEY}") for name in trials}
     # The statistics of this code, whichever release wrote summary.json.
     summary = {**summary, **summarize(sweep, {t.name: results[t.name] for t in sweep.trials if t.name in results})}
     trials = {t["name"]: t for t in summary["trials"]}
@@ -303,7 +303,7 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
     example_trial = max(results, key=lambda n: results[n]["n_poisoned"])
     cfg = ExperimentConfig.from_dict(results[example_trial]["config"])
     models = {v: load_model(storage, example_trial, v, cfg.model.arch) for v in results[example_trial]["variants"]}
-    detection = (json.loads(storage.read_text(f"{example_trial}/{DETECTION_KEY}"))
+    detection = (storage.read_json(f"{example_trial}/{DETECTION_KEY}")
                  if storage.exists(f"{example_trial}/{DETECTION_KEY}") else None)
     parts = {
         "Summary": _table(header, rows) + "<h3>Per trial</h3>" + _seed_table(summary["trials"], "trial"),

@@ -24,7 +24,8 @@ import time
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.experiment import RESULTS_KEY, absolute_paths, check_existing_run
+from backdoor_train.experiment import (RESULTS_KEY, absolute_paths, check_existing_run, record_config,
+                                      refuse_other_setting)
 from backdoor_train.fitting import check_cluster
 from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
@@ -41,6 +42,12 @@ def seed_experiments(cfg: ExperimentConfig) -> list[ExperimentConfig]:
     """One single-seed experiment per seed, stored below the multi-seed experiment's folder."""
     storage = dataclasses.replace(cfg.storage, path=cfg.storage.path.rstrip("/") + "/" + cfg.name)
     return [dataclasses.replace(cfg, name=seed_name(s), seed=s, seeds=(), storage=storage) for s in cfg.seeds]
+
+
+def check_seed_folders(children: list[ExperimentConfig]) -> None:
+    """Refuse (``ConfigError``) when a seed's folder holds a run of another setting."""
+    for child in children:
+        refuse_other_setting(child, open_storage(child.storage))
 
 
 def seed_row(seed: int, results: dict[str, Any]) -> dict[str, Any]:
@@ -97,9 +104,12 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict
     storage = open_storage(cfg.storage)
     storage.check()
     check_existing_run(cfg, storage, log)
+    children = seed_experiments(cfg)
+    check_seed_folders(children)
+    record_config(cfg, storage)
     started = time.time()
     log(f"{len(cfg.seeds)} seeds: the experiment runs once per seed, below {storage.key_uri(cfg.name)}")
-    results, failures = run_trials(seed_experiments(cfg), len(cfg.seeds), log, what="seed")
+    results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
     out = aggregate(cfg, results, failures, started)
     storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(out, indent=1, sort_keys=True))
     out["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")

@@ -8,6 +8,7 @@ Ray Train gets the same root through ``ray_storage()`` for its checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any, Optional
@@ -52,7 +53,20 @@ class Storage:
         self.write_bytes(key, text.encode("utf-8"))
 
     def read_text(self, key: str) -> str:
-        return self.read_bytes(key).decode("utf-8")
+        try:
+            return self.read_bytes(key).decode("utf-8")
+        except UnicodeDecodeError:
+            raise StorageError(f"{self.key_uri(key)} is not UTF-8 text: corrupt") from None
+
+    def read_json(self, key: str) -> dict[str, Any]:
+        """A JSON object the project wrote; a ``StorageError`` naming it when it is corrupt."""
+        try:
+            data = json.loads(self.read_text(key))
+        except ValueError as exc:
+            raise StorageError(f"{self.key_uri(key)} is corrupt (not JSON: {exc})") from None
+        if not isinstance(data, dict):
+            raise StorageError(f"{self.key_uri(key)} is corrupt (not a JSON object)")
+        return data
 
 
 def _atomic_write_local(path: str, data: bytes) -> None:

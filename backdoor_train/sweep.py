@@ -26,9 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import yaml
-
-from backdoor_train.config import ConfigError, ExperimentConfig, _apply_override, load_config
+from backdoor_train.config import ConfigError, ExperimentConfig, _apply_override, check_name, load_config, read_yaml
 from backdoor_train.experiment import absolute_paths
 from backdoor_train.seeds import format_statistics, seed_row, seed_statistics
 from backdoor_train.storage import Storage, open_storage
@@ -57,20 +55,15 @@ def _short(value: Any) -> str:
 
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "sweep file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping at the top level")
     unknown = set(data) - {"name", "base", "overrides", "grid", "max_concurrent"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]} in sweep file (allowed: base, grid, max_concurrent, "
                           f"name, overrides)")
     name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError("sweep name must be a non-empty string")
+    check_name(name, "sweep name")  # the sweep's folder
     if not isinstance(data.get("base"), str):
         raise ConfigError("sweep base must name an experiment YAML file")
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), data["base"])

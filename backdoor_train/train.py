@@ -8,6 +8,7 @@ Reads top to bottom: set-up, restore, epochs (train, evaluate, checkpoint, repor
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import uuid
@@ -172,6 +173,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "world_size": world,
             "ended_at": time.time(),  # wall clock: the gaps between epochs show what reporting costs
         }
+        if not math.isfinite(epoch_metrics["train_loss"]):
+            # Every later epoch would train on NaN weights; stop with the reason (exit 1).
+            raise RuntimeError(f"{variant}: the training loss became {epoch_metrics['train_loss']} in epoch "
+                               f"{epoch + 1}: training diverged (a smaller train.lr may help)")
         history.append(epoch_metrics)
         metrics.observe_epoch(epoch_metrics, seen)
         if rank == 0:

@@ -111,6 +111,30 @@ def test_a_config_the_cluster_cannot_hold_is_refused_naming_the_keys(cluster):
     assert fits_at_once({"CPU": 2, "GPU": 0}, 3, "x") == 1
 
 
+def test_a_rerun_of_one_variant_keeps_the_other_and_a_diverging_run_says_so(cluster, tmp_path, mnist_root, capsys):
+    from backdoor_train.cli import EXIT_FAILED, main
+
+    base = small_config(mnist_root, str(tmp_path / "runs"), name="merge", train={"epochs": 1},
+                        data={"train_samples": 2000, "test_samples": 500}, scaling={"num_workers": 1})
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(base.to_dict()))
+    assert main(["run", str(path), "--set", "variants=[clean]"]) == 0
+    first = json.loads((tmp_path / "runs" / "merge" / "results.json").read_text())
+    assert main(["run", str(path), "--set", "variants=[poisoned]"]) == 0
+    results = json.loads((tmp_path / "runs" / "merge" / "results.json").read_text())
+    assert list(results["variants"]) == ["clean", "poisoned"]
+    assert results["variants"]["clean"] == first["variants"]["clean"]
+    assert results["kept_from_earlier_runs"] == {"clean": first["run_id"]}
+    capsys.readouterr()
+
+    # SGD at an absurd learning rate: the loss is NaN after one epoch; the run stops and says why.
+    assert main(["run", str(path), "--set", "name=diverge", "--set", "variants=[clean]",
+                 "--set", "train.optimizer=sgd", "--set", "train.lr=1.0e+30"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "training loss became nan in epoch 1: training diverged" in err, err[-2000:]
+    assert not (tmp_path / "runs" / "diverge" / "results.json").exists()
+
+
 def test_a_run_is_immune_to_another_ray_cluster_on_the_machine(tmp_path, mnist_root):
     """Train's PlacementGroupCleaner finds "the" cluster by itself: with a second cluster started
     by `ray start` in the same temp dir it asked that one, found no controller, and removed the

@@ -130,12 +130,13 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
 
 def test_changed_setting_under_the_same_name_is_refused(s3_env, mnist_root, tmp_path, capsys):
     from backdoor_train.config import ConfigError
-    from backdoor_train.experiment import check_existing_run
+    from backdoor_train.experiment import check_existing_run, record_config
     from backdoor_train.storage import open_storage
 
     cfg = _cfg(mnist_root, s3_env, "named")
     storage = open_storage(cfg.storage)
     check_existing_run(cfg, storage, log=print)
+    record_config(cfg, storage)
     check_existing_run(_cfg(mnist_root, s3_env, "named", epochs=7), storage, log=print)  # longer: fine
     changed = small_config(mnist_root, f"s3://{s3_env}/runs", name="named", variants=["poisoned"],
                            poison={"rate": 0.02})

@@ -10,7 +10,7 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
-from backdoor_train.experiment import RESULTS_KEY, check_existing_run, finished_run
+from backdoor_train.experiment import RESULTS_KEY, check_existing_run, finished_run, record_config
 from backdoor_train.report import SECTIONS
 from backdoor_train.seeds import aggregate, seed_experiments
 from backdoor_train.storage import open_storage
@@ -88,7 +88,11 @@ def test_a_name_is_either_one_seed_or_many(tmp_path, mnist_root):
     multi = small_config(mnist_root, runs, name="x", seeds=[1, 2])
     storage = open_storage(multi.storage)
     check_existing_run(multi, storage, log=print)
-    check_existing_run(small_config(mnist_root, runs, name="x", seeds=[1, 2, 3]), storage, log=print)  # more seeds
+    assert not storage.exists("x/config.json")  # checking writes nothing
+    record_config(multi, storage)
+    more = small_config(mnist_root, runs, name="x", seeds=[1, 2, 3])
+    check_existing_run(more, storage, log=print)  # more seeds
+    record_config(more, storage)
     with pytest.raises(ConfigError, match=r"seeds: \[1, 2, 3\] -> \[\]"):
         check_existing_run(small_config(mnist_root, runs, name="x"), storage, log=print)
     with pytest.raises(ConfigError, match="train.lr"):
@@ -108,7 +112,7 @@ def test_a_seed_folder_of_another_setting_is_refused_before_any_training(tmp_pat
     cfg = small_config(mnist_root, str(tmp_path / "runs"), name="multi", seeds=[1, 2])
     first, second = seed_experiments(cfg)
     other = small_config(mnist_root, first.storage.path, name="seed-2", seed=2, poison={"selection": "numpy"})
-    check_existing_run(other, open_storage(other.storage), log=print)  # e.g. an old sweep's trial
+    record_config(other, open_storage(other.storage))  # e.g. an old sweep's trial
     with pytest.raises(ConfigError, match="experiment 'seed-2' already exists .*poison.selection: 'numpy' -> 'article'"):
         run_trials([first, second], 2, log=print)  # raised before Ray is needed: no cluster here
 

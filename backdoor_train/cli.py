@@ -111,6 +111,7 @@ def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
     from backdoor_train.datasource import load_splits, resolve_data_root
     from backdoor_train.experiment import absolute_paths, check_existing_run
     from backdoor_train.metrics import make_run_metrics
+    from backdoor_train.runlock import refuse_if_running
     from backdoor_train.seeds import check_seed_folders, seed_experiments
     from backdoor_train.storage import open_storage
 
@@ -121,6 +122,7 @@ def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
     storage = open_storage(cfg.storage)
     storage.check()
     if resuming_check:
+        refuse_if_running(storage, cfg.name)  # before Ray starts; the run takes the lock itself
         check_existing_run(cfg, storage, log=lambda msg: None)  # run_experiment says it again
         check_seed_folders(seed_experiments(cfg))
     make_run_metrics(cfg, run_id="preflight").check()

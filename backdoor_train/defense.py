@@ -25,6 +25,7 @@ from backdoor_train.experiment import MANIFEST_KEY, absolute_paths
 from backdoor_train.fitting import FitSpec, fit_variants
 from backdoor_train.model import build_model
 from backdoor_train.poison import PoisonManifest, build_poisoned, dataset_sha256
+from backdoor_train.runlock import acquire_run_lock
 from backdoor_train.storage import StorageError, open_storage
 from backdoor_train.train import restore_model, without
 
@@ -37,6 +38,15 @@ def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
     cfg = absolute_paths(cfg)
     storage = open_storage(cfg.storage)
     storage.check()
+    lock = acquire_run_lock(storage, cfg.name, uuid.uuid4().hex[:12])  # it writes into the run's folder
+    try:
+        return _detect_locked(cfg, storage, retrain, log)
+    finally:
+        lock.release()
+
+
+def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
+                   log: Callable[[str], None]) -> dict[str, Any]:
     try:
         manifest = PoisonManifest(**storage.read_json(f"{cfg.name}/{MANIFEST_KEY}"))
         weights = storage.read_bytes(f"{cfg.name}/poisoned/model.pt")

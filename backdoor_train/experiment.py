@@ -27,6 +27,7 @@ from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
 from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
+from backdoor_train.runlock import acquire_run_lock
 from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.train import restore_model
 
@@ -147,10 +148,17 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     check_cluster(cfg)  # before the manifest and any training: a config the cluster cannot hold is bad input
     storage = open_storage(cfg.storage)
     storage.check()
-    check_existing_run(cfg, storage, log)
     run_id = uuid.uuid4().hex[:12]
-    started = time.time()
+    lock = acquire_run_lock(storage, cfg.name, run_id)  # one run of a name at a time
+    try:
+        return _run_locked(cfg, storage, run_id, log)
+    finally:
+        lock.release()
 
+
+def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> dict[str, Any]:
+    check_existing_run(cfg, storage, log)
+    started = time.time()
     t0 = time.perf_counter()
     train, test = load_splits(cfg)
     log(f"loaded MNIST: {len(train)} training, {len(test)} test images ({time.perf_counter() - t0:.2f}s)")

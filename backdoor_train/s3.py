@@ -180,6 +180,27 @@ class S3Storage(Storage):
         except Exception as exc:
             raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
 
+    def create_if_absent(self, key: str, data: bytes) -> bool:
+        """One PUT that succeeds only if ``key`` does not exist yet (``If-None-Match: *``);
+        False when it does. AWS S3 and MinIO honour the condition."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+        except Exception as exc:
+            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()

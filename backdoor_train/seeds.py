@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.experiment import (RESULTS_KEY, absolute_paths, check_existing_run, record_config,
                                       refuse_other_setting)
 from backdoor_train.fitting import check_cluster
+from backdoor_train.runlock import acquire_run_lock, refuse_if_running
 from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
 from backdoor_train.trials import run_trials
@@ -45,9 +47,11 @@ def seed_experiments(cfg: ExperimentConfig) -> list[ExperimentConfig]:
 
 
 def check_seed_folders(children: list[ExperimentConfig]) -> None:
-    """Refuse (``ConfigError``) when a seed's folder holds a run of another setting."""
+    """Refuse (exit 2) when a seed's folder holds a run of another setting or one running now."""
     for child in children:
-        refuse_other_setting(child, open_storage(child.storage))
+        storage = open_storage(child.storage)
+        refuse_if_running(storage, child.name)
+        refuse_other_setting(child, storage)
 
 
 def seed_row(seed: int, results: dict[str, Any]) -> dict[str, Any]:
@@ -103,15 +107,20 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict
     check_cluster(cfg)  # before anything is written or trained: a config the cluster cannot hold
     storage = open_storage(cfg.storage)
     storage.check()
-    check_existing_run(cfg, storage, log)
-    children = seed_experiments(cfg)
-    check_seed_folders(children)
-    record_config(cfg, storage)
-    started = time.time()
-    log(f"{len(cfg.seeds)} seeds: the experiment runs once per seed, below {storage.key_uri(cfg.name)}")
-    results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
-    out = aggregate(cfg, results, failures, started)
-    storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(out, indent=1, sort_keys=True))
+    # The whole, for its config.json and results.json; each seed's run takes its own as well.
+    lock = acquire_run_lock(storage, cfg.name, uuid.uuid4().hex[:12])
+    try:
+        check_existing_run(cfg, storage, log)
+        children = seed_experiments(cfg)
+        check_seed_folders(children)
+        record_config(cfg, storage)
+        started = time.time()
+        log(f"{len(cfg.seeds)} seeds: the experiment runs once per seed, below {storage.key_uri(cfg.name)}")
+        results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
+        out = aggregate(cfg, results, failures, started)
+        storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(out, indent=1, sort_keys=True))
+    finally:
+        lock.release()
     out["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")
     return out
 

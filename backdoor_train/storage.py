@@ -93,6 +93,10 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.strip("/").split("/"))
 
+    def path_of(self, key: str) -> str:
+        """The local file of ``key`` (the run lock locks it with fcntl)."""
+        return self._path(key)
+
     def check(self) -> None:
         try:
             os.makedirs(self.root, exist_ok=True)

@@ -1,7 +1,8 @@
 """The ``backdoor-train`` command line.
 
-Exit status: 0 success; 2 bad input (config, data root, storage, credentials, endpoints)
-reported before any training starts; 1 a failure while running.
+Exit status: 0 success; 2 bad input (config, data root, storage, credentials, endpoints, a
+name being run right now) reported before any training starts; 1 a failure while running;
+130 Ctrl-C and 143 SIGTERM (every fit aborted, the checkpoints kept for a rerun).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable, Optional
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 DETECTION_METHODS = ("activation_clustering", "spectral_signatures")
 
 
@@ -133,6 +135,7 @@ def _ray_init(address: Optional[str]) -> None:
     from backdoor_train.raysession import connect
 
     connect(address)
+    _handle_sigterm()  # again: ray.init installs its own handler, which aborts the process
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -255,10 +258,27 @@ COMMANDS = {"check": _cmd_check, "run": _cmd_run, "sweep": _cmd_sweep, "detect":
             "report": _cmd_report, "submit": _cmd_submit, "stage-data": _cmd_stage_data}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, Kubernetes stopping the pod): stopped like Ctrl-C, every fit aborted."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from backdoor_train.raysession import apply_driver_env
 
     apply_driver_env()
+    _handle_sigterm()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -271,11 +291,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _RunFailed as exc:
         print(f"backdoor-train: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Every running fit was aborted; its committed checkpoints stay, and a rerun resumes.
-        print("backdoor-train: interrupted; rerun the same command to resume from the last checkpoints",
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"backdoor-train: {what}; rerun the same command to resume from the last checkpoints",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

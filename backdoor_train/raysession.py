@@ -69,6 +69,8 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if target not in ("local", "auto"):
+        probe(target)  # Ray itself retries an unreachable address for minutes
     pinned = os.environ.get(API_SERVER_ENV)
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
     try:
@@ -88,6 +90,32 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
                                                                "http://" + url}}, **kwargs)
     except Exception as exc:  # ConnectionError and friends, depending on the address form
         raise ClusterError(f"cannot reach the Ray cluster at {target!r}: {exc}") from None
+
+
+def probe(address: str, attempts: int = 3, timeout_s: float = 3.0) -> None:
+    """A ``ClusterError`` naming ``address`` unless something accepts a TCP connection there
+    within ``attempts`` tries of ``timeout_s`` (a head node still starting gets a few seconds)."""
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else "tcp://" + address)
+    try:
+        host, port = parts.hostname, parts.port or (10001 if parts.scheme == "ray" else 6379)
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ClusterError(f"--address {address!r} is not host:port or ray://host:port")
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return
+        except OSError as exc:
+            last = exc
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+    raise ClusterError(f"cannot reach the Ray cluster at {address!r}: nothing answers at {host}:{port} "
+                       f"({last}; {attempts} attempts)")
 
 
 def fits_at_once(demand: dict[str, float], wanted: int, what: str, total: Optional[dict[str, float]] = None) -> int:

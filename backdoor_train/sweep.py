@@ -72,6 +72,9 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
     grid = data.get("grid")
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError("sweep grid must map dotted keys to non-empty lists of values")
+    for key, values in grid.items():  # a repeated value would run one trial twice, in one folder
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise ConfigError(f"sweep grid {key} repeats a value ({values})")
     max_concurrent = data.get("max_concurrent", 2)
     if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
         raise ConfigError(f"sweep max_concurrent must be an integer >= 1 (got {max_concurrent!r})")
@@ -93,6 +96,9 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
             label.append(f"{key.split('.')[-1]}={_short(value)}")
         trial_data["name"] = "_".join(label).replace("=", "-")[:100]
         trial_data["storage"]["path"] = storage
+        if any(t.name == trial_data["name"] for t in trials):  # names are cut at 100 characters
+            raise ConfigError(f"sweep grid point {dict(zip(grid, point))}: its trial name {trial_data['name']!r} "
+                              f"is another point's too; shorten the grid's values")
         try:
             trials.append(ExperimentConfig.from_dict(trial_data))
         except ConfigError as exc:

@@ -168,6 +168,35 @@ def test_a_run_is_immune_to_another_ray_cluster_on_the_machine(tmp_path, mnist_r
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_sigterm_stops_a_run_within_seconds_without_a_traceback(tmp_path, mnist_root):
+    import signal
+
+    cfg = small_config(mnist_root, str(tmp_path / "runs"), name="term", train={"epochs": 30},
+                       scaling={"num_workers": 1, "cpus_per_worker": 1}).to_dict()
+    path = tmp_path / "term.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "backdoor_train", "run", str(path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if sum("epoch 1/30" in s for s in seen) == 2:
+                break
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # what `kill` and Kubernetes send
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 143, "".join(seen) + rest
+        assert "terminated; rerun the same command to resume" in rest and "Traceback" not in rest, rest
+        assert time.monotonic() - sent < 30
+        assert not (tmp_path / "runs" / "term" / "results.json").exists()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_ctrl_c_stops_every_variant_and_a_rerun_resumes(tmp_path, mnist_root):
     import signal
 

@@ -76,3 +76,29 @@ def test_the_cli_sets_the_dedup_allowance_before_ray_is_imported(tmp_path, monke
     path.write_text(yaml.safe_dump({"data": {"root": mnist_root}, "storage": {"path": str(tmp_path / "runs")}}))
     assert main(["check", str(path)]) == 0  # the first thing main does; it imports no Ray before
     assert os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"] == DRIVER_ENV["RAY_DEDUP_LOGS_ALLOW_REGEX"]
+
+
+def test_an_address_where_nothing_answers_is_refused_in_seconds(tmp_path, mnist_root):
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from backdoor_train.raysession import probe
+    from conftest import _free_port
+
+    port = _free_port()
+    with pytest.raises(ClusterError, match=rf"cannot reach the Ray cluster at '127.0.0.1:{port}'.*3 attempts"):
+        probe(f"127.0.0.1:{port}")
+    with pytest.raises(ClusterError, match="is not host:port"):
+        probe("ray://:x")
+    # The whole command: exit 2 naming the address, long before Ray's own minutes of retries.
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": mnist_root}, "storage": {"path": str(tmp_path / "runs")}}))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "backdoor_train", "run", str(path), "--address", f"ray://127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"cannot reach the Ray cluster at 'ray://127.0.0.1:{port}'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - started < 60
+    assert not (tmp_path / "runs" / "experiment").exists()

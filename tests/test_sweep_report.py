@@ -58,6 +58,7 @@ def test_the_gpu_seed_sweep_packs_16_trainers_on_one_gpu_and_no_sweep_oversubscr
 @pytest.mark.parametrize("grid, extra, message", [
     ({"poison.rate": [0.1, 3]}, {}, "poison.rate must be in [0, 1]"),
     ({"poison.rate": []}, {}, "sweep grid must map dotted keys to non-empty lists"),
+    ({"seed": [1, 2, 1]}, {}, "sweep grid seed repeats a value"),
     ({"poison.rate": [0.1]}, {"max_concurrent": 0}, "max_concurrent must be an integer >= 1"),
     ({"poison.rate": [0.1]}, {"parallel": 3}, "unknown key parallel"),
     ({"poison.ratio": [0.1]}, {}, "unknown key poison.ratio"),

@@ -69,6 +69,7 @@ def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     interval shaded, min and max dotted. The backdoor appears abruptly, at a seed-dependent
     epoch; one seed's curve would hide that."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for i, (label, by_key) in enumerate(series.items()):
@@ -83,8 +84,6 @@ def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                                 color=color, alpha=0.2, linewidth=0)
                 for bound in ("min", "max"):
                     ax.plot(epochs, [r[bound] for r in rows], color=color, linestyle=":", linewidth=0.8)
-    from matplotlib.ticker import MaxNLocator
-
     for ax, title in zip(axes, ("clean test accuracy", "attack success rate")):
         ax.set_title(f"{title}: mean, 95% interval (shaded), min/max (dotted)", fontsize=9)
         ax.set_xlabel("epoch")
@@ -250,7 +249,6 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
 
     from backdoor_train.defense import DETECTION_KEY, load_model
     from backdoor_train.seeds import by_epoch_over_seeds
-
     from backdoor_train.sweep import summarize
 
     trials = {t["name"]: t for t in summary["trials"]}
@@ -260,14 +258,13 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
     trials = {t["name"]: t for t in summary["trials"]}
     rows: list[list[Any]] = []
     bands = {}
+    mean_by_variant: dict[str, dict[str, float]] = {}
     for g in summary["groups"]:
         point = json.dumps(g["point"]) if g["point"] else "all"
         header, group_rows = _statistics_table(g, f"{point} ({g['n_poisoned']} poisoned)")
         rows += group_rows
         for variant, by_key in by_epoch_over_seeds([results[t] for t in g["trials"]]).items():
             bands[f"{point if g['point'] else ''} {variant}".strip()] = by_key
-    mean_by_variant: dict[str, dict[str, float]] = {}
-    for g in summary["groups"]:
         for variant, f in g["variants"].items():
             mean_by_variant[f"{json.dumps(g['point'])} {variant}"] = _means(f)
 

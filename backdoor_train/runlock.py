@@ -58,8 +58,9 @@ class LocalRunLock(RunLock):
             self.fd = None
 
 
-def acquire_local(path: str, info: dict[str, Any]) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
-    """(lock, None) when taken; (None, holder) when another process holds it."""
+def acquire_local(path: str, info: Optional[dict[str, Any]]) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
+    """(lock, None) when taken, recording ``info`` as its holder (None: a probe, which leaves
+    the last holder's record); (None, holder) when another process holds it."""
     import fcntl
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -73,8 +74,9 @@ def acquire_local(path: str, info: dict[str, Any]) -> tuple[Optional[RunLock], O
             except ValueError:  # the holder is writing it right now
                 holder = {}
         return None, holder
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
+    if info is not None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
     return LocalRunLock(fd), None
 
 
@@ -82,7 +84,7 @@ def local_holder(path: str) -> Optional[dict[str, Any]]:
     """Who holds the lock at ``path`` right now (None: nobody), without taking it."""
     if not os.path.exists(path):
         return None
-    lock, holder = acquire_local(path, {"run_id": "probe", "pid": os.getpid()})
+    lock, holder = acquire_local(path, None)
     if lock is not None:
         lock.release()
         return None

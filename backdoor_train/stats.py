@@ -66,15 +66,21 @@ def by_epoch(histories: list[list[dict[str, Any]]], key: str) -> list[dict[str, 
             for i in range(epochs)]
 
 
-def fmt_pct(s: dict[str, Any], digits: int = 2) -> str:
-    """``92.23% ± 4.45% [89.9%, 94.6%]``: mean ± std [95% interval], in percent."""
+def _fmt(s: dict[str, Any], value: str, spread: str, unit: str = "") -> str:
+    """mean ± std [95% interval] of ``describe``'s figures; ``value`` formats the mean and the
+    interval's ends, ``spread`` the std (format specs), ``unit`` follows the mean."""
     if s["mean"] is None:
         return "n/a"
-    out = f"{s['mean']:.{digits}%}"
+    out = f"{s['mean']:{value}}{unit}"
     if s["std"] is not None:
         lo, hi = s["ci95"]
-        out += f" ± {s['std']:.{digits}%} [{lo:.{digits}%}, {hi:.{digits}%}]"
+        out += f" ± {s['std']:{spread}} [{lo:{value}}, {hi:{value}}]"
     return out
+
+
+def fmt_pct(s: dict[str, Any], digits: int = 2) -> str:
+    """``92.23% ± 4.45% [89.9%, 94.6%]``: mean ± std [95% interval], in percent."""
+    return _fmt(s, f".{digits}%", f".{digits}%")
 
 
 def fmt_range(s: dict[str, Any]) -> str:
@@ -83,11 +89,7 @@ def fmt_range(s: dict[str, Any]) -> str:
 
 
 def fmt_pp(s: dict[str, Any]) -> str:
-    """A difference of fractions in percentage points: ``-0.04 pp ± 0.09 [-0.09, 0.01]``."""
-    if s["mean"] is None:
-        return "n/a"
-    out = f"{s['mean'] * 100:+.2f} pp"
-    if s["std"] is not None:
-        lo, hi = s["ci95"]
-        out += f" ± {s['std'] * 100:.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
-    return out
+    """A difference of fractions in percentage points: ``-0.04 pp ± 0.09 [-0.09, +0.01]``."""
+    points = {k: s[k] if s[k] is None else s[k] * 100 for k in ("mean", "std")}
+    points["ci95"] = None if s["ci95"] is None else [x * 100 for x in s["ci95"]]
+    return _fmt(points, "+.2f", ".2f", " pp")

@@ -168,24 +168,31 @@ def test_a_run_is_immune_to_another_ray_cluster_on_the_machine(tmp_path, mnist_r
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _start_run(tmp_path, mnist_root, name: str, ray_tmp: str, until: str):
+    """`backdoor-train run` of a 30-epoch tiny experiment in its own process and local Ray,
+    read until both variants printed ``until``; (process, lines read, command, environment)."""
+    cfg = small_config(mnist_root, str(tmp_path / "runs"), name=name, train={"epochs": 30},
+                       scaling={"num_workers": 1, "cpus_per_worker": 1}).to_dict()
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    cmd = [sys.executable, "-m", "backdoor_train", "run", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if sum(until in s for s in seen) == 2:
+            break
+    return proc, seen, cmd, env
+
+
 def test_sigterm_stops_a_run_within_seconds_without_a_traceback(tmp_path, mnist_root):
     import signal
 
-    cfg = small_config(mnist_root, str(tmp_path / "runs"), name="term", train={"epochs": 30},
-                       scaling={"num_workers": 1, "cpus_per_worker": 1}).to_dict()
-    path = tmp_path / "term.yaml"
-    path.write_text(yaml.safe_dump(cfg))
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = ray_tmp
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "backdoor_train", "run", str(path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if sum("epoch 1/30" in s for s in seen) == 2:
-                break
+        proc, seen, _, _ = _start_run(tmp_path, mnist_root, "term", ray_tmp, "epoch 1/30")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)  # what `kill` and Kubernetes send
         rest, _ = proc.communicate(timeout=60)
@@ -200,21 +207,10 @@ def test_sigterm_stops_a_run_within_seconds_without_a_traceback(tmp_path, mnist_
 def test_ctrl_c_stops_every_variant_and_a_rerun_resumes(tmp_path, mnist_root):
     import signal
 
-    cfg = small_config(mnist_root, str(tmp_path / "runs"), train={"epochs": 30},
-                       scaling={"num_workers": 1, "cpus_per_worker": 1}).to_dict()
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
     ray_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = ray_tmp
-    cmd = [sys.executable, "-m", "backdoor_train", "run", str(path)]
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen = []
-        for line in proc.stdout:  # until both variants have committed a checkpoint
-            seen.append(line)
-            if sum("epoch 2/30" in s for s in seen) == 2:
-                break
+        # Until both variants have committed a checkpoint.
+        proc, seen, cmd, env = _start_run(tmp_path, mnist_root, "tiny", ray_tmp, "epoch 2/30")
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, "".join(seen) + rest

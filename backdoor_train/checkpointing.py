@@ -3,7 +3,8 @@
 A checkpoint is a directory holding ``state.pt`` (model and optimizer state, the number of
 finished epochs, RNG states and the metrics history) and ``state.pt.sha256``. Loading
 verifies the checksum first, so a truncated or altered file is refused with its path
-instead of silently resuming from garbage.
+instead of silently resuming from garbage. Uploads write the checksum last, so an upload cut
+short is an incomplete checkpoint, never a valid-looking one.
 """
 
 from __future__ import annotations
@@ -158,3 +159,35 @@ def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None
             f"falling back to the previous checkpoint")
     raise CorruptCheckpointError("every checkpoint under " + storage.key_uri(prefix) + " is corrupt ("
                                  + "; ".join(problems) + "): refusing to resume — delete them or use a new name")
+
+
+def upload_checkpoint(local_dir: str, dir_name: str, retry_seconds: float) -> Any:
+    """``checkpoint_upload_fn`` of the workers' ``ray.train.report``: the checkpoint in
+    ``local_dir`` to the run's storage as ``dir_name``, checksum last, retried across transient
+    storage errors for ``retry_seconds``; returns the stored ``ray.train.Checkpoint``."""
+    import ray.train
+    from pyarrow import fs as pafs
+
+    from backdoor_train.retry import is_transient, retry_transient
+    from backdoor_train.storage import StorageError
+
+    storage = ray.train.get_context().get_storage()
+    fs, dest = storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name)
+
+    def upload() -> None:
+        # A folder of that name may hold a corrupt checkpoint a rerun resumed before: clear it.
+        fs.delete_dir_contents(dest, missing_dir_ok=True)
+        fs.create_dir(dest)
+        for name in (STATE_FILE, CHECKSUM_FILE):
+            pafs.copy_files(os.path.join(local_dir, name), f"{dest}/{name}",
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    try:
+        retry_transient(upload, f"uploading checkpoint {dir_name}", retry_seconds, log=print)
+    except Exception as exc:
+        # Ray retries an upload whose error names a transient AWS error: ours already did, for
+        # the whole bound, so the error must not name one (or the bound would triple).
+        detail = "the storage stayed unreachable or failing" if is_transient(exc) else f"{type(exc).__name__}: {exc}"
+        raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed after "
+                           f"storage.retry_seconds={retry_seconds:g}: {detail}") from None
+    return ray.train.Checkpoint(path=dest, filesystem=fs)

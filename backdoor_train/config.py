@@ -172,9 +172,14 @@ class StorageConfig:
     # A local directory (the embedded default) or an s3://bucket/prefix URI. Kept as str:
     # pathlib would mangle "s3://".
     path: str = "./runs"
+    # How long a write keeps retrying transient errors (S3 unreachable, 5xx, throttling) before
+    # the run ends with exit 1, resumable: artifacts, checkpoint uploads, Ray's run snapshot.
+    retry_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         _check(bool(self.path.strip()), "storage.path must not be empty")
+        _check(0 <= self.retry_seconds <= 3600,
+               f"storage.retry_seconds must be in [0, 3600] (got {self.retry_seconds})")
         if "://" in self.path:
             scheme, rest = self.path.split("://", 1)
             _check(scheme == "s3", f"storage.path scheme must be s3:// or none (got {scheme}://)")

@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import torch
 
-from backdoor_train.checkpointing import latest_valid_in_storage
 from backdoor_train.config import VARIANTS, ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
 from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
+from backdoor_train.resume import plan_resume
 from backdoor_train.runlock import acquire_run_lock
 from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.train import restore_model
@@ -83,12 +83,11 @@ def refuse_other_setting(cfg: ExperimentConfig, storage: Storage) -> None:
 def check_existing_run(cfg: ExperimentConfig, storage: Storage, log: Callable[[str], None]) -> None:
     """Rerunning an experiment name resumes it; refuse when the earlier run trained something
     else, or when all its checkpoints are corrupt. Writes nothing: ``record_config`` does, once
-    training is about to start, so a run refused before it leaves the name free."""
+    training is about to start, so a run refused before it leaves the name free. Where each
+    variant resumes is decided (and said) just before its fit (resume.py)."""
     refuse_other_setting(cfg, storage)
     for variant in () if cfg.seeds else cfg.variants:
-        found = latest_valid_in_storage(storage, f"{cfg.name}/{variant}", log)
-        if found:
-            log(f"{variant}: an earlier run left checkpoints; resuming from {storage.key_uri(found)}")
+        plan_resume(storage, f"{cfg.name}/{variant}", lambda msg: None)  # prepare_resume says it
 
 
 def record_config(cfg: ExperimentConfig, storage: Storage) -> None:

@@ -6,7 +6,8 @@ TorchTrainer with its own worker group: as many at once as the cluster's CPUs an
 (``scaling.gpus_per_worker: 0.5`` puts two on one GPU). Each fit is driven from a thread of the
 driver, as Ray Tune drives a TorchTrainer from its trainable. The first failure aborts the
 others through their controllers (Train's own graceful abort), and so does Ctrl-C; the error
-raised names the variant that failed.
+raised names the variant that failed. Before a fit starts, resume.py decides where it resumes;
+its controller writes Ray's run snapshot durably (resume.write_snapshot).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.raysession import apply_train_env, fits_at_once
+from backdoor_train.resume import prepare_resume, write_snapshot
 from backdoor_train.storage import Storage
 from backdoor_train.train import train_loop_per_worker
 
@@ -40,11 +42,12 @@ class FitFailed(RuntimeError):
 
 def _abortable_trainer_class() -> type:
     """TorchTrainer that keeps a handle on its controller actor, so another thread can abort it,
-    and that starts no Ray Data actors when it is given no Ray Datasets.
+    whose controller writes the run snapshot durably, and that starts no Ray Data actors when
+    it is given no Ray Datasets.
 
-    ``_initialize_and_run_controller`` is Ray 2.58's (pinned in constraints.txt) with one line
-    added, the handle kept; it registers no SIGINT handler (not allowed off the main thread,
-    and the driver aborts every fit on Ctrl-C itself)."""
+    ``_initialize_and_run_controller`` is Ray 2.58's (pinned in constraints.txt) with the handle
+    kept and the controller class replaced; it registers no SIGINT handler (not allowed off the
+    main thread, and the driver aborts every fit on Ctrl-C itself)."""
     import ray
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -53,9 +56,21 @@ def _abortable_trainer_class() -> type:
                                                    get_env_vars_to_propagate)
     from ray.train.v2._internal.execution.controller import TrainController
 
+    class DurableTrainController(TrainController):
+        def __init__(self, *args: Any, retry_seconds: float, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            manager = self._checkpoint_manager
+            # Ray rewrites the snapshot in place (a full disk leaves 0 bytes, which no later start
+            # can parse) and treats an error writing it as a controller failure, never retried:
+            # a storage outage of seconds would end the run.
+            manager._write_state_to_storage = lambda: write_snapshot(
+                manager._storage_context.storage_filesystem,
+                manager._storage_context.checkpoint_manager_snapshot_path, manager._save_state(), retry_seconds)
+
     class AbortableTorchTrainer(TorchTrainer):
         controller: Any = None
         aborted = False
+        retry_seconds = 60.0  # storage.retry_seconds, set by make_trainer
 
         def _create_default_callbacks(self) -> list[Any]:
             # The workers read tensors, not Ray Datasets; the datasets callback would still
@@ -74,8 +89,8 @@ def _abortable_trainer_class() -> type:
                 num_cpus=0,
                 label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
                 runtime_env={"env_vars": env_vars},
-            )(TrainController)
-            self.controller = controller_cls.remote(**controller_init_kwargs)
+            )(DurableTrainController)
+            self.controller = controller_cls.remote(retry_seconds=self.retry_seconds, **controller_init_kwargs)
             if self.aborted:  # abort() ran between fit()'s start and the controller's creation
                 self.abort()
             ray.get(self.controller.run.remote())
@@ -108,7 +123,10 @@ def check_cluster(cfg: ExperimentConfig, wanted: int = 1, total: dict[str, float
     return fits_at_once(fit_demand(cfg), wanted, SCALING_KEYS, total)
 
 
-def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id: str) -> Any:
+def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id: str,
+                 resume_from: str | None = None) -> Any:
+    """The trainer of ``spec``; its workers load checkpoint ``resume_from`` (a folder name
+    in the variant's run folder) when Ray has no run snapshot to resume from."""
     import ray.train
 
     apply_train_env()
@@ -116,11 +134,11 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    return _abortable_trainer_class()(
+    trainer = _abortable_trainer_class()(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
                            "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,
-                           "exclude": list(spec.exclude)},
+                           "exclude": list(spec.exclude), "resume_from": resume_from},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -133,6 +151,8 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    trainer.retry_seconds = cfg.storage.retry_seconds
+    return trainer
 
 
 def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, run_id: str,
@@ -145,7 +165,8 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
     at_once = check_cluster(cfg, len(specs))
     if len(specs) > 1:
         log(f"{at_once} of the {len(specs)} trainers at once on this cluster")
-    trainers = {s.variant: make_trainer(cfg, s, storage, run_id) for s in specs}
+    plans = {s.variant: prepare_resume(storage, f"{cfg.name}/{s.variant}", s.variant, log) for s in specs}
+    trainers = {s.variant: make_trainer(cfg, s, storage, run_id, plans[s.variant].checkpoint) for s in specs}
     stopping = threading.Event()
 
     def fit(spec: FitSpec) -> tuple[Any, dict[str, float]]:

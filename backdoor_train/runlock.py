@@ -95,7 +95,12 @@ class S3RunLock(RunLock):
     """Rewrites its object every ``HEARTBEAT_S`` until released."""
 
     def __init__(self, storage: Any, key: str, info: dict[str, Any]) -> None:
-        self.storage, self.key, self.info = storage, key, dict(info)
+        self.key, self.info = key, dict(info)
+        # A beat gives up retrying before release() stops waiting for it, or it could write the
+        # lock again after release deleted it; release rides out an outage until the lock would
+        # be stale anyway, so that a run ended by an outage leaves its name free to rerun.
+        self.beat_storage = storage.with_retry(HEARTBEAT_S / 2)
+        self.storage = storage.with_retry(STALE_AFTER_S)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self.thread.start()
@@ -104,7 +109,7 @@ class S3RunLock(RunLock):
         while not self.stop.wait(HEARTBEAT_S):
             self.info["heartbeat_at"] = time.time()
             try:
-                self.storage.write_text(self.key, json.dumps(self.info))
+                self.beat_storage.write_text(self.key, json.dumps(self.info))
             except Exception:  # an outage: the next beat tries again; 60 s of them makes it stale
                 pass
 
@@ -112,7 +117,7 @@ class S3RunLock(RunLock):
         if self.stop.is_set():
             return
         self.stop.set()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=HEARTBEAT_S)
         try:
             if self.storage.read_json(self.key).get("run_id") == self.info["run_id"]:
                 self.storage.delete(self.key)

@@ -4,16 +4,20 @@ Endpoint, region and credentials come only from the environment — the standard
 variables below, which boto3 users and MinIO deployments already set — never from the
 config file, and they are never printed. boto3 handles artifacts and checks; a pyarrow
 ``S3FileSystem`` built from the same settings (with an explicit ``endpoint_override``)
-carries Ray Train's checkpoints. Both retry transient errors with exponential backoff.
+carries Ray Train's checkpoints. Both retry transient errors a few times themselves; the
+storage operations of a run are retried on top for ``storage.retry_seconds`` (retry.py), so
+an outage of seconds does not end it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from backdoor_train.retry import retry_transient
 from backdoor_train.storage import Storage, StorageError
 
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
@@ -130,13 +134,28 @@ def explain_s3_error(exc: BaseException, settings: S3Settings, what: str) -> Sto
 
 
 class S3Storage(Storage):
-    """Keys below s3://bucket/prefix; each write is one PUT, so readers never see half a file."""
+    """Keys below s3://bucket/prefix; each write is one PUT, so readers never see half a file.
+    Reads and writes ride out transient errors for ``retry_seconds`` (see retry.py)."""
 
-    def __init__(self, uri: str, settings: Optional[S3Settings] = None) -> None:
+    def __init__(self, uri: str, settings: Optional[S3Settings] = None, retry_seconds: float = 60.0) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.settings = settings or S3Settings.from_env()
+        self.retry_seconds = retry_seconds
         self._client = None
+
+    def with_retry(self, seconds: float) -> "S3Storage":
+        """The same storage (and client), riding out outages for ``seconds`` instead."""
+        other = copy.copy(self)
+        other.retry_seconds = seconds
+        return other
+
+    def _call(self, fn: Any, key: str) -> Any:
+        """``fn()`` retried across transient errors; any error left one ``StorageError``."""
+        try:
+            return retry_transient(fn, f"S3 request for {self.key_uri(key)}", self.retry_seconds, log=print)
+        except Exception as exc:
+            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
 
     @property
     def client(self) -> Any:
@@ -175,10 +194,7 @@ class S3Storage(Storage):
             raise explain_s3_error(exc, self.settings, f"creating bucket {self.bucket!r}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except Exception as exc:
-            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+        self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data), key)
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
         """One PUT that succeeds only if ``key`` does not exist yet (``If-None-Match: *``);
@@ -196,16 +212,10 @@ class S3Storage(Storage):
             raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+        self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)), key)
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except Exception as exc:
-            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+        return self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read(), key)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -41,6 +41,9 @@ class Storage:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
     def list(self, prefix: str) -> list[str]:
         """Keys below ``prefix`` (recursively), relative to the root, sorted."""
         raise NotImplementedError
@@ -69,7 +72,8 @@ class Storage:
         return data
 
 
-def _atomic_write_local(path: str, data: bytes) -> None:
+def atomic_write_local(path: str, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: a temp file beside it, fsynced, renamed over it."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -106,7 +110,7 @@ class LocalStorage(Storage):
             raise StorageError(f"storage.path: cannot write to {self.root!r}: {exc.strerror or exc}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        _atomic_write_local(self._path(key), data)
+        atomic_write_local(self._path(key), data)
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -117,6 +121,12 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
@@ -135,5 +145,5 @@ def open_storage(cfg: StorageConfig) -> Storage:
     if cfg.path.startswith("s3://"):
         from backdoor_train.s3 import S3Storage
 
-        return S3Storage(cfg.path)
+        return S3Storage(cfg.path, retry_seconds=cfg.retry_seconds)
     return LocalStorage(cfg.path)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from backdoor_train.checkpointing import (checkpoint_dir_name, load_state, load_with_fallback, save_state,
-                                          set_rng_state)
+                                          set_rng_state, upload_checkpoint)
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.data import MnistSplit, to_float
 from backdoor_train.evaluate import build_eval_sets, eval_counts
@@ -125,6 +125,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, cfg)
     start_epoch, history, ckpt_suffix = 0, [], ""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        # The driver set Ray's run snapshot aside (resume.py) and names the checkpoint instead.
+        storage = ctx.get_storage()
+        checkpoint = ray.train.Checkpoint(path=storage.build_checkpoint_path_from_name(loop_config["resume_from"]),
+                                          filesystem=storage.storage_filesystem)
     if checkpoint is not None:
         log = (lambda msg: print(f"[{cfg.name}/{variant}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
         state, used, fell_back = load_with_fallback(checkpoint, log)
@@ -187,7 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         done = epoch + 1
         due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
         _report(epoch_metrics, due and rank == 0, model, optimizer, done, history, metrics,
-                checkpoint_dir_name(done, ckpt_suffix))
+                checkpoint_dir_name(done, ckpt_suffix), cfg.storage.retry_seconds)
     metrics.finish()
 
 
@@ -203,7 +208,7 @@ def _quiet_report_log() -> None:
 
 def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, done: int, history: list[dict[str, Any]],
-            metrics: Any, dir_name: str) -> None:
+            metrics: Any, dir_name: str, retry_seconds: float) -> None:
     """Report metrics from every worker (it is a barrier); only rank 0 writes the checkpoint."""
     import ray.train
 
@@ -215,7 +220,8 @@ def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
         nbytes = save_state(tmp, model=unwrap(model), optimizer=optimizer, epochs_done=done, history=history)
         try:
             ray.train.report(epoch_metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=dir_name)
+                             checkpoint_dir_name=dir_name,
+                             checkpoint_upload_fn=lambda ckpt, name: upload_checkpoint(ckpt.path, name, retry_seconds))
         except Exception:
             metrics.checkpoint_failed()
             raise

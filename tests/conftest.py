@@ -142,3 +142,106 @@ def bucket_keys(server, bucket: str, prefix: str = "") -> list[str]:
     client = fresh_s3_client(server)
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+class OutageProxy:
+    """A TCP proxy on a loopback port in front of a server, which can go down: ``outage(s)``
+    closes its listening socket and every open connection, refuses connections for ``s``
+    seconds, then listens again on the same port. A storage outage as clients see one (a MinIO
+    pod restarting), with the server's data kept."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import threading
+
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.port = _free_port()
+        self.lock = threading.Lock()
+        self.conns: list = []
+        self.listener = None
+        self.closed = False
+        self._listen()
+
+    def _listen(self) -> None:
+        import socket
+        import threading
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self.listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, sock) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:  # closed: an outage or the end
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _drop_all(self) -> None:
+        import socket
+
+        with self.lock:
+            conns, self.conns = self.conns, []
+        # shutdown first: it wakes the threads blocked in accept() and recv() (close does not).
+        for sock in [self.listener, *conns]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def outage(self, seconds: float) -> None:
+        import time
+
+        self._drop_all()
+        time.sleep(seconds)
+        if not self.closed:
+            self._listen()
+
+    def close(self) -> None:
+        self.closed = True
+        self._drop_all()
+
+
+def ray_snapshot(*dir_names: str, latest: str | None = "") -> str:
+    """A run snapshot as Ray 2.58's checkpoint manager writes it (its own schema)."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (_CheckpointManagerState,
+                                                                                _TrainingResultState)
+
+    results = [_TrainingResultState(checkpoint_dir_name=d, metrics={"epoch": i + 1}) for i, d in enumerate(dir_names)]
+    latest_name = dir_names[-1] if latest == "" and dir_names else latest
+    return _CheckpointManagerState(
+        checkpoint_results=results, checkpoint_report_indices=list(range(len(results))),
+        latest_checkpoint_result=next((r for r in results if r.checkpoint_dir_name == latest_name), None),
+        pending_training_results=[], pending_validation_specs=[], current_report_index=len(results),
+        validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[]).model_dump_json()

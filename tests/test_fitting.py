@@ -222,7 +222,7 @@ def test_ctrl_c_stops_every_variant_and_a_rerun_resumes(tmp_path, mnist_root):
         out = again.stdout + again.stderr
         assert again.returncode == 0, out[-4000:]
         for variant in ("clean", "poisoned"):
-            assert f"{variant}: an earlier run left checkpoints; resuming" in out, out[-4000:]
+            assert f"{variant}: resuming after epoch" in out, out[-4000:]
             assert f"[tiny/{variant}] resuming after epoch" in out, out[-4000:]
         results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
         assert all(len(v["history"]) == 3 for v in results["variants"].values())

@@ -3,8 +3,10 @@ surviving a killed worker, resuming by rerunning the name, and corrupt checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -16,7 +18,7 @@ from backdoor_train.checkpointing import checkpoint_epoch
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.experiment import run_experiment
 
-from conftest import bucket_keys, fresh_s3_client, s3_env_vars, small_config
+from conftest import OutageProxy, bucket_keys, fresh_s3_client, ray_snapshot, s3_env_vars, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +144,102 @@ def test_changed_setting_under_the_same_name_is_refused(s3_env, mnist_root, tmp_
                            poison={"rate": 0.02})
     with pytest.raises(ConfigError, match=r"poison.rate: 0.05 -> 0.02"):
         check_existing_run(changed, storage, log=print)
+
+
+def _resumed_epochs(out: str, name: str) -> list[int]:
+    """The epochs the workers of ``name`` said they resumed after (they load the checkpoint)."""
+    return [int(line.split("resuming after epoch ")[1].split()[0])
+            for line in out.splitlines() if f"[{name}/poisoned] resuming after epoch" in line]
+
+
+def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkpoint(
+        ray_cluster, s3_env, s3_server, mnist_root, capfd):
+    bucket = s3_env
+    client = fresh_s3_client(s3_server)
+    snapshot = "runs/snap/poisoned/checkpoint_manager_snapshot.json"
+    run_experiment(_cfg(mnist_root, bucket, "snap", epochs=2))
+    capfd.readouterr()
+
+    # 1. The snapshot at 0 bytes, as Ray's in-place rewrite left it on a full disk: Ray could not
+    #    start from it; the rerun sets it aside and goes on from the newest checkpoint.
+    client.put_object(Bucket=bucket, Key=snapshot, Body=b"")
+    more = run_experiment(_cfg(mnist_root, bucket, "snap", epochs=3))
+    out = capfd.readouterr().out
+    assert "checkpoint_manager_snapshot.json is empty (0 bytes: an interrupted write); moved aside" in out, out[-3000:]
+    assert f"poisoned: resuming after epoch 2 from s3://{bucket}/runs/snap/poisoned/checkpoint_epoch_0002" in out
+    assert _resumed_epochs(out, "snap") == [2]  # what the driver said is what the workers did
+    assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3]
+
+    # 2. A snapshot naming an older checkpoint than the newest (a crash between checkpoint 3's
+    #    upload and the snapshot's update): the driver said "from 0003" while Ray used 0002.
+    client.put_object(Bucket=bucket, Key=snapshot, Body=ray_snapshot("checkpoint_epoch_0002").encode())
+    more = run_experiment(_cfg(mnist_root, bucket, "snap", epochs=4))
+    out = capfd.readouterr().out
+    assert ("names checkpoint_epoch_0002 as the latest, but the newest valid checkpoint is "
+            "checkpoint_epoch_0003; moved aside") in out, out[-3000:]
+    assert _resumed_epochs(out, "snap") == [3]
+    assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+    aside = [k for k in bucket_keys(s3_server, bucket, "runs/snap/poisoned/") if ".invalid-" in k]
+    assert len(aside) == 2, aside  # both kept for a post-mortem
+
+
+def _output_until(capfd, text: str, timeout: float = 20) -> str:
+    """Captured stdout until it holds ``text``: Ray forwards actors' lines with a delay."""
+    out = ""
+    deadline = time.monotonic() + timeout
+    while text not in out and time.monotonic() < deadline:
+        out += capfd.readouterr().out
+        time.sleep(0.5)
+    return out
+
+
+def _outage_when(s3_server, bucket: str, key: str, seconds: float, proxy: OutageProxy) -> threading.Thread:
+    """A thread that takes ``proxy`` down for ``seconds`` once ``key`` is in the bucket."""
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and key not in bucket_keys(s3_server, bucket, key):
+            time.sleep(0.1)
+        proxy.outage(seconds)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
+        ray_cluster, s3_env, s3_server, mnist_root, capfd, monkeypatch):
+    from backdoor_train.fitting import FitFailed
+
+    bucket = s3_env
+    proxy = OutageProxy(int(s3_server[0].rsplit(":", 1)[1]))
+    # The driver builds the S3 clients and the filesystem Ray pickles to the controller and the
+    # workers: all of them reach the bucket through the proxy.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    try:
+        # 1. A 3-second outage right after the first checkpoint: the next uploads, Ray's snapshot
+        #    and the driver's writes wait it out; the run completes (max_failures 0: no restart).
+        thread = _outage_when(s3_server, bucket, "runs/blip/poisoned/checkpoint_epoch_0001/state.pt.sha256", 3, proxy)
+        result = run_experiment(_cfg(mnist_root, bucket, "blip", epochs=4, max_failures=0))
+        thread.join(timeout=30)
+        out = _output_until(capfd, "retrying for up to 60s (storage.retry_seconds)")
+        assert "retrying for up to 60s (storage.retry_seconds)" in out, out[-3000:]
+        assert [h["epoch"] for h in result["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+
+        # 2. An outage longer than storage.retry_seconds ends the run (exit 1 from the CLI) ...
+        cfg = _cfg(mnist_root, bucket, "long", epochs=4, max_failures=0)
+        short = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, retry_seconds=2))
+        thread = _outage_when(s3_server, bucket, "runs/long/poisoned/checkpoint_epoch_0001/state.pt.sha256", 10, proxy)
+        with pytest.raises(FitFailed) as failed:
+            run_experiment(short)
+        # Whichever write met the outage first ended it: a worker's upload or Ray's snapshot.
+        assert re.search(r"storage.retry_seconds=2|AWS Error|curlCode|connect", str(failed.value)), failed.value
+        out = _output_until(capfd, "retrying for up to 2s (storage.retry_seconds)")
+        assert "retrying for up to 2s (storage.retry_seconds)" in out, out[-3000:]
+        thread.join(timeout=60)
+        # ... and leaves it resumable: rerun once the storage is back.
+        again = run_experiment(cfg)
+        out = capfd.readouterr().out
+        assert _resumed_epochs(out, "long") and _resumed_epochs(out, "long")[0] >= 1, out[-3000:]
+        assert [h["epoch"] for h in again["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+    finally:
+        proxy.close()

@@ -1,0 +1,118 @@
+"""Where a rerun resumes, and Ray Train's run snapshot kept truthful and intact.
+
+Ray Train resumes a run name from its run snapshot, ``checkpoint_manager_snapshot.json``
+beside the checkpoints: the checkpoints it registered, the latest first to load. After an
+interrupted write the snapshot and the checkpoint folders disagree: a crash between a
+checkpoint's upload and the snapshot's update leaves it naming an older checkpoint; Ray
+rewrites it in place, so a full disk leaves it at 0 bytes and every later start fails to
+parse it; a checkpoint corrupted or deleted since is still listed.
+
+So the driver decides, before each fit (``prepare_resume``): the newest checkpoint whose
+checksum holds (a scan of the folders) is where the variant resumes. The snapshot is kept
+only if Ray's own schema parses it, everything it lists exists and its latest is that same
+checkpoint; otherwise it is moved aside (``….invalid-<unix time>``, for a post-mortem) and
+the workers load the checkpoint by name when Ray has none to give them (Ray Train V2's
+replacement for ``resume_from_checkpoint``). Either way the message names the checkpoint the
+workers load, and the workers print it again when they do.
+
+The controller writes its snapshot durably (``write_snapshot``, installed by fitting.py):
+locally to a temp file renamed into place, so a full disk leaves the previous one; on object
+storage in one upload (atomic), retried across transient errors for ``storage.retry_seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from backdoor_train.checkpointing import checkpoint_epoch, latest_valid_in_storage
+from backdoor_train.retry import retry_transient
+from backdoor_train.storage import Storage, atomic_write_local
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # ray.train.v2 constants, Ray 2.58
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where one variant's fit starts: ``checkpoint`` (a folder name beside the snapshot) or
+    None for from scratch; ``snapshot_problem`` says why Ray's snapshot cannot stay, if so."""
+
+    checkpoint: Optional[str]
+    snapshot_problem: Optional[str]
+
+    @property
+    def epochs_done(self) -> int:
+        return checkpoint_epoch(self.checkpoint or "") or 0
+
+
+def snapshot_problem(data: bytes, newest: Optional[str], existing: set[str]) -> Optional[str]:
+    """Why Ray could not, or should not, resume from the snapshot ``data`` when ``newest`` is the
+    newest valid checkpoint and ``existing`` the checkpoint folders there; None if it can."""
+    import ray
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    if not data:
+        return "is empty (0 bytes: an interrupted write)"
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        state = _CheckpointManagerState.model_validate(doc)  # the schema Ray loads it with
+    except Exception:
+        return "is unreadable (not a snapshot Ray can parse: an interrupted write?)"
+    if doc.get("ray_version") != ray.__version__:
+        return f"was written by Ray {doc.get('ray_version')}, which this Ray ({ray.__version__}) refuses"
+    missing = sorted(r.checkpoint_dir_name for r in state.checkpoint_results if r.checkpoint_dir_name not in existing)
+    if missing:
+        return f"lists checkpoints that no longer exist ({', '.join(missing)})"
+    latest = state.latest_checkpoint_result.checkpoint_dir_name if state.latest_checkpoint_result else None
+    if latest != newest:
+        return (f"names {latest or 'no checkpoint'} as the latest, but the newest valid checkpoint is "
+                f"{newest or 'none'}")
+    return None
+
+
+def plan_resume(storage: Storage, prefix: str, log: Callable[[str], None]) -> ResumePlan:
+    """Where the fit whose Ray run folder is ``prefix`` resumes; reads, writes nothing.
+    Raises ``CorruptCheckpointError`` when there are checkpoints and none is valid."""
+    newest_key = latest_valid_in_storage(storage, prefix, log)
+    newest = newest_key.rsplit("/", 1)[-1] if newest_key else None
+    key = f"{prefix}/{SNAPSHOT_FILE}"
+    if not storage.exists(key):
+        return ResumePlan(newest, None)
+    existing = {k.split("/")[-2] for k in storage.list(prefix) if k.count("/") > prefix.count("/") + 1}
+    return ResumePlan(newest, snapshot_problem(storage.read_bytes(key), newest, existing))
+
+
+def prepare_resume(storage: Storage, prefix: str, label: str, log: Callable[[str], None]) -> ResumePlan:
+    """``plan_resume``, carried out: a snapshot that cannot stay is moved aside; says what
+    the fit will do."""
+    plan = plan_resume(storage, prefix, log)
+    if plan.snapshot_problem:
+        key = f"{prefix}/{SNAPSHOT_FILE}"
+        aside = f"{key}.invalid-{int(time.time())}"
+        storage.write_bytes(aside, storage.read_bytes(key))
+        storage.delete(key)
+        log(f"{label}: Ray's run snapshot {storage.key_uri(key)} {plan.snapshot_problem}; "
+            f"moved aside to {aside.rsplit('/', 1)[-1]}")
+    if plan.checkpoint:
+        log(f"{label}: resuming after epoch {plan.epochs_done} from "
+            f"{storage.key_uri(f'{prefix}/{plan.checkpoint}')}")
+    elif plan.snapshot_problem:
+        log(f"{label}: no valid checkpoint: training from scratch")
+    return plan
+
+
+def write_snapshot(filesystem: Any, path: str, text: str, retry_seconds: float) -> None:
+    """Ray's ``_write_state_to_storage``, durable: never a half-written snapshot in place."""
+    data = text.encode("utf-8")
+    if filesystem.type_name == "local":
+        atomic_write_local(path, data)  # a full disk fails here and leaves the previous one
+        return
+
+    def upload() -> None:
+        # One object written whole: readers see the old snapshot or the new, never a part.
+        with filesystem.open_output_stream(path) as fh:
+            fh.write(data)
+
+    retry_transient(upload, f"writing Ray Train's run snapshot {path}", retry_seconds, log=print)

@@ -48,9 +48,14 @@ class DataConfig:
     # Use only the first N images (tests, quick looks); None means all of them.
     train_samples: Optional[int] = None
     test_samples: Optional[int] = None
+    # With an s3:// root: how long to wait for the staged copy to appear (a Kubernetes run may
+    # start before its staging Job has finished); 0 refuses at once.
+    wait_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _check(bool(self.root.strip()), "data.root must not be empty")
+        _check(0 <= self.wait_seconds <= 86400,
+               f"data.wait_seconds must be in [0, 86400] (got {self.wait_seconds})")
         for key in ("train_samples", "test_samples"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"data.{key} must be > 0 or null (got {value})")

@@ -4,7 +4,8 @@
 sha256) to ``s3://bucket/prefix``. With ``data.root: s3://bucket/prefix`` every node then
 downloads it once into a local cache (``$BACKDOOR_TRAIN_CACHE_DIR``, default
 ``~/.cache/backdoor_train``), under a file lock so the workers sharing a node download it
-once, checking each file against the manifest.
+once, checking each file against the manifest. The manifest is written last, so a copy is
+staged once it exists; ``data.wait_seconds`` waits for it (a run started beside its staging Job).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Callable
+import time
+from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.data import RAW_FILES, DataError, MnistSplit, check_data_root, load_mnist, raw_dir
@@ -68,22 +70,40 @@ def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = pri
     return manifest
 
 
-def _fetch_staged(uri: str) -> str:
+def wait_for_staged(storage: Any, uri: str, wait_seconds: float, log: Callable[[str], None] = print) -> dict:
+    """The manifest of the copy staged at ``uri``, waiting up to ``wait_seconds`` for it to
+    appear; a ``DataError`` when it does not (or the storage refuses us)."""
+    from backdoor_train.storage import StorageError
+
+    deadline, said = time.monotonic() + wait_seconds, False
+    while True:
+        try:
+            return json.loads(storage.read_text(STAGED_MANIFEST))
+        except StorageError as exc:
+            left = deadline - time.monotonic()
+            if "does not exist" not in str(exc) or left <= 0:
+                waited = f" after waiting {wait_seconds:g}s (data.wait_seconds)" if wait_seconds else ""
+                raise DataError(f"data.root: no staged MNIST at {uri}{waited} ({exc}); "
+                                f"run `backdoor-train stage-data` first") from None
+            if not said:
+                said = True
+                log(f"waiting up to {wait_seconds:g}s (data.wait_seconds) for MNIST to be staged at {uri} "
+                    f"(by `backdoor-train stage-data`; in Kubernetes the stage-mnist Job)")
+            time.sleep(min(5.0, left))
+
+
+def _fetch_staged(uri: str, wait_seconds: float = 0.0) -> str:
     """Download the staged copy at ``uri`` into this node's cache (once); return the local root."""
     from backdoor_train.s3 import S3Storage, split_s3_uri
-    from backdoor_train.storage import StorageError
 
     bucket, prefix = split_s3_uri(uri)
     local_root = os.path.join(cache_dir(), "s3", bucket, *([p for p in prefix.split("/") if p]))
     os.makedirs(local_root, exist_ok=True)
-    storage = S3Storage(uri)
+    # Reads fail fast: a wrong endpoint is bad input, found before any training.
+    storage = S3Storage(uri, retry_seconds=0)
     with open(os.path.join(local_root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            manifest = json.loads(storage.read_text(STAGED_MANIFEST))
-        except StorageError as exc:
-            raise DataError(f"data.root: no staged MNIST at {uri} ({exc}); "
-                            f"run `backdoor-train stage-data` first") from None
+        manifest = wait_for_staged(storage, uri, wait_seconds)
         for key, digest in sorted(manifest.items()):
             dest = os.path.join(local_root, *key.split("/"))
             if os.path.isfile(dest):
@@ -108,7 +128,7 @@ def resolve_data_root(cfg: ExperimentConfig) -> str:
         from backdoor_train.storage import StorageError
 
         try:
-            return _fetch_staged(cfg.data.root)
+            return _fetch_staged(cfg.data.root, cfg.data.wait_seconds)
         except StorageError as exc:
             raise DataError(f"data.root: {exc}") from None
     root = os.path.abspath(os.path.expanduser(cfg.data.root))

@@ -37,7 +37,7 @@ CONFIG_KEY = "config.json"
 # Keys that may differ when an experiment is rerun under the same name: they change how or
 # where it runs, or how long, not what a resumed checkpoint was trained on.
 RESUMABLE_KEYS = ("scaling", "storage", "metrics", "variants", "train.epochs", "train.max_failures",
-                  "train.checkpoint_every")
+                  "train.checkpoint_every", "data.wait_seconds")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -155,6 +155,17 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     return trainer
 
 
+def _already_trained(cfg: ExperimentConfig, storage: Storage, spec: FitSpec, plan: Any) -> Any:
+    """The checkpoint a fit resumed from when it had nothing left to train (all epochs done)
+    and Ray, its snapshot set aside, registered none."""
+    import ray.train
+
+    if plan.checkpoint is None or plan.epochs_done < cfg.train.epochs:
+        return None
+    root, filesystem = storage.ray_storage()
+    return ray.train.Checkpoint(path=f"{root}/{cfg.name}/{spec.variant}/{plan.checkpoint}", filesystem=filesystem)
+
+
 def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, run_id: str,
                  on_done: Callable[[FitSpec, Any, dict[str, float]], None], log: Callable[[str], None] = print) -> None:
     """Train every spec, as many at once as the cluster holds. ``on_done(spec, checkpoint,
@@ -174,9 +185,10 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
             raise FitFailed(f"{spec.variant}: not started, another variant failed")
         started, t0 = time.time(), time.perf_counter()
         result = trainers[spec.variant].fit()
-        if result.checkpoint is None:
+        checkpoint = result.checkpoint or _already_trained(cfg, storage, spec, plans[spec.variant])
+        if checkpoint is None:
             raise RuntimeError(f"{spec.variant}: training finished without a checkpoint")
-        return result.checkpoint, {"fit_seconds": time.perf_counter() - t0, "fit_started_at": started,
+        return checkpoint, {"fit_seconds": time.perf_counter() - t0, "fit_started_at": started,
                                    "fit_finished_at": time.time()}
 
     def abort_all() -> None:

@@ -85,7 +85,10 @@ def test_dockerfile_is_hadolint_clean_and_pinned(flavor):
     lint = subprocess.run([_tool("hadolint"), path], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     text = open(path).read()
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY_VERSION)}-py311-{flavor}$", text, re.M)
+    # One CUDA stack on GPU: the torch wheel's, on Ray's CUDA-free image (no -gpu / -cuXY base).
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY_VERSION)}-py311-cpu$", text, re.M)
+    # MNIST is fetched before the code is copied: code changes reuse its layer.
+    assert text.index("torchvision.datasets.MNIST") < text.index("COPY ")
     for pkg in ("torch", "torchvision"):
         assert f"{pkg}=={PINS[pkg]}" in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
@@ -96,10 +99,27 @@ def test_dockerfile_is_hadolint_clean_and_pinned(flavor):
     assert "pip install" not in " ".join(re.findall(r"^(?:CMD|ENTRYPOINT).*$", text, re.M))
 
 
-def test_dockerignore_keeps_the_context_small():
-    ignored = open(os.path.join(REPO_ROOT, ".dockerignore")).read().split()
-    for entry in (".git", ".venv", "runs", "tests"):
-        assert entry in ignored
+def test_the_gpu_image_states_the_cuda_of_its_torch_wheel():
+    import torch
+
+    # The image installs the PyPI wheel this environment was installed from (the same pin).
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    text = open(os.path.join(REPO_ROOT, "docker", "Dockerfile.gpu")).read()
+    assert f"torch.version.cuda.startswith('{major}.')" in text
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    assert re.search(rf"CUDA {major}\.\d+ .*driver .*>= ?\d+", readme), "README must state the CUDA and driver"
+
+
+def test_dockerignore_admits_only_what_the_images_copy():
+    lines = [ln.strip() for ln in open(os.path.join(REPO_ROOT, ".dockerignore")) if ln.strip() and ln[0] != "#"]
+    assert lines[0] == "*"  # an allowlist: docs/, runs/, .venv, tool folders stay out
+    admitted = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    copied = set()
+    for flavor in ("cpu", "gpu"):
+        text = open(os.path.join(REPO_ROOT, "docker", f"Dockerfile.{flavor}")).read()
+        for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+            copied |= set(src.split())
+    assert admitted == copied
 
 
 # --- rendering and schemas -----------------------------------------------------------------
@@ -125,25 +145,66 @@ def test_core_objects_validate_against_kubernetes(rendered):
                 pytest.fail(f"{overlay} {d['kind']}/{d['metadata']['name']}: {exc.message} at {list(exc.path)}")
 
 
-def test_ray_objects_validate_against_the_kuberay_crds(rendered):
+def unknown_fields(obj, schema, path="") -> list[str]:
+    """Fields of ``obj`` its structural schema does not declare: the API server rejects them
+    (``kubectl apply --validate=strict``, the default) where JSON Schema lets them pass."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, value in obj.items():
+            if props is not None and key in props:
+                found += unknown_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                found += unknown_fields(value, extra, f"{path}.{key}")
+            elif props is not None and not extra and not (path == "" and key in ("apiVersion", "kind", "metadata")):
+                found.append(f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, item in enumerate(obj):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+@pytest.fixture(scope="module")
+def crd_schemas():
     if not os.path.isdir(CRD_DIR):
         pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR}")
-    import jsonschema
-
     schemas = {}
     for name, kind in (("ray.io_rayjobs.yaml", "RayJob"), ("ray.io_rayclusters.yaml", "RayCluster")):
         crd = yaml.safe_load(open(os.path.join(CRD_DIR, name)))
         schemas[kind] = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def crd_errors(d, schemas) -> list[str]:
+    import jsonschema
+
+    errors = [f"{list(e.path)}: {e.message}" for e in jsonschema.Draft7Validator(schemas[d["kind"]]).iter_errors(d)]
+    return sorted(errors) + [f"{f}: unknown field" for f in unknown_fields(d, schemas[d["kind"]])]
+
+
+def test_ray_objects_validate_strictly_against_the_kuberay_crds(rendered, crd_schemas):
     checked = 0
     for overlay, docs in rendered.items():
         for d in docs:
-            if d["kind"] in schemas:
+            if d["kind"] in crd_schemas:
                 assert d["apiVersion"] == "ray.io/v1"
-                errors = sorted(jsonschema.Draft7Validator(schemas[d["kind"]]).iter_errors(d), key=str)
-                assert not errors, f"{overlay} {d['kind']}: " + "; ".join(
-                    f"{list(e.path)}: {e.message}" for e in errors[:5])
+                errors = crd_errors(d, crd_schemas)
+                assert not errors, f"{overlay} {d['kind']}: " + "; ".join(errors[:5])
                 checked += 1
     assert checked >= 3
+
+
+def test_a_misspelt_field_is_refused_as_the_api_server_would(rendered, crd_schemas):
+    import copy
+
+    job = copy.deepcopy(_objects(rendered["local-cpu"], "RayJob")[0])
+    job["spec"]["shutdownAfterJobFinish"] = job["spec"].pop("shutdownAfterJobFinishes")
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    errors = crd_errors(job, crd_schemas)
+    assert ".spec.shutdownAfterJobFinish: unknown field" in errors
+    assert any(e.endswith("containers[0].imagePullPolicyy: unknown field") for e in errors), errors
 
 
 # --- consistency ---------------------------------------------------------------------------
@@ -206,7 +267,7 @@ def test_endpoints_ports_and_buckets_agree(rendered):
         for cluster in _ray_cluster_specs(docs):
             group = cluster["workerGroupSpecs"][0]
             ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-            assert ports["metrics"] == cfg.metrics.port
+            assert ports["train-metrics"] == cfg.metrics.port
             assert group["replicas"] == group["minReplicas"] == cfg.scaling.num_workers
             assert int(group["rayStartParams"]["num-cpus"]) == cfg.scaling.cpus_per_worker
             gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
@@ -214,8 +275,6 @@ def test_endpoints_ports_and_buckets_agree(rendered):
             if gpus:
                 assert int(group["rayStartParams"]["num-gpus"]) == 1
                 assert any(t["key"] == "nvidia.com/gpu" for t in group["template"]["spec"]["tolerations"])
-        for mon in _objects(docs, "PodMonitor"):
-            assert mon["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
         # The staging Job fills the bucket the experiment reads and writes.
         job = next(d for d in _objects(docs, "Job") if d["metadata"]["name"] == "stage-mnist")
         dest = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
@@ -237,14 +296,143 @@ def test_rayjob_retries_resume_and_nothing_installs_at_start(rendered):
         assert volume["configMap"]["name"] == "backdoor-train-experiment"
 
 
-def test_pods_are_non_root_without_escalation_and_have_limits(rendered):
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec breaks the Pod Security Standard "restricted" (v1.32): the checks
+    the namespace's admission makes. KubeRay's injected wait-gcs-ready init container copies
+    the Ray container's securityContext, so checking the template covers it."""
+    bad = []
+    psc = pod.get("securityContext", {})
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(host):
+            bad.append(host)
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"volume {v['name']}: {kinds - RESTRICTED_VOLUMES}")
+    if psc.get("runAsUser") == 0:
+        bad.append("pod runAsUser 0")
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc, name = c.get("securityContext", {}), c["name"]
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            bad.append(f"{name}: runAsNonRoot must be true")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            bad.append(f"{name}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{name}: hostPort")
+    return bad
+
+
+def test_every_pod_meets_the_restricted_level_the_namespace_enforces(rendered):
+    assert restricted_violations({"containers": [{"name": "x", "securityContext": {}}]})  # the check can fail
     for overlay, docs in rendered.items():
+        ns = _objects(docs, "Namespace")[0]["metadata"]["labels"]
+        assert ns["pod-security.kubernetes.io/enforce"] == "restricted", overlay
         for where, pod in _pod_specs(docs):
-            assert pod["securityContext"]["runAsNonRoot"] is True, where
+            assert not restricted_violations(pod), f"{overlay} {where}: {restricted_violations(pod)}"
             for c in pod["containers"]:
-                assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
-                assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
                 assert {"cpu", "memory"} <= set(c["resources"]["requests"]) <= set(c["resources"]["limits"]), where
+
+
+def _quantity(value: str) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    m = re.fullmatch(r"([0-9.]+)(m|Ki|Mi|Gi)?", str(value))
+    return float(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+def test_local_cpu_fits_a_two_cpu_eight_gib_kind_node_without_extra_crds(rendered):
+    docs = rendered["local-cpu"]
+    # Only KubeRay's CRDs: `kubectl apply -k` works on a bare kind cluster with the operator.
+    assert {d["apiVersion"].split("/")[0] for d in docs if "." in d["apiVersion"].split("/")[0]} <= \
+        {"ray.io", "apps", "batch", "networking.k8s.io"}
+    pods = list(_pod_specs(docs))
+    replicas = {"ray-workers/workers": _objects(docs, "RayJob")[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+                ["replicas"]}
+    cpu = sum(_quantity(c["resources"]["requests"]["cpu"]) * replicas.get(w, 1) for w, p in pods for c in p["containers"])
+    mem = sum(_quantity(c["resources"]["requests"]["memory"]) * replicas.get(w, 1) for w, p in pods for c in p["containers"])
+    # kind's own pods request ~0.95 CPU and ~0.3 GiB, the KubeRay operator 0.1 CPU and 0.5 GiB.
+    assert cpu <= 0.95 and mem <= 6.5 * 2**30, (cpu, mem / 2**30)
+
+
+def test_the_ray_apis_admit_only_the_namespace_and_need_a_token(rendered):
+    for overlay, docs in rendered.items():
+        policies = {p["metadata"]["name"]: p["spec"] for p in _objects(docs, "NetworkPolicy")}
+        default = policies["same-namespace-only"]
+        assert default["podSelector"] == {} and default["ingress"] == [{"from": [{"podSelector": {}}]}]
+        operator = policies["kuberay-operator-to-dashboard"]
+        assert operator["ingress"][0]["ports"] == [{"port": 8265, "protocol": "TCP"}]
+        for cluster in _ray_cluster_specs(docs):
+            assert cluster["authOptions"] == {"mode": "token"}, overlay
+        for job in _objects(docs, "RayJob"):
+            assert job["spec"]["ttlSecondsAfterFinished"] <= 600  # minutes: finished pods hold GPUs
+
+
+def _render_with_monitoring(tmp_path, *extra: str) -> list[dict]:
+    """local-cpu plus the opt-in monitoring component, as a user's overlay adds it."""
+    overlay = tmp_path / "monitored"
+    overlay.mkdir(parents=True)
+    base = os.path.join(REPO_ROOT, "k8s")
+    (overlay / "kustomization.yaml").write_text("\n".join([
+        "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
+        f"resources: [{os.path.relpath(os.path.join(base, 'overlays', 'local-cpu'), overlay)}]",
+        f"components: [{os.path.relpath(os.path.join(base, 'components', 'monitoring'), overlay)}]", *extra]))
+    proc = subprocess.run([_tool("kubectl"), "kustomize", str(overlay), "--load-restrictor", "LoadRestrictionsNone"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        ok &= (labels.get(e["key"]) in e["values"]) == (e["operator"] == "In")
+    return ok
+
+
+def test_monitors_select_the_pods_by_their_port_names_and_a_release_label(tmp_path):
+    docs = _render_with_monitoring(tmp_path)
+    templates = []
+    for cluster in _ray_cluster_specs(docs):
+        templates.append(cluster["headGroupSpec"]["template"])
+        templates += [g["template"] for g in cluster["workerGroupSpecs"]]
+    monitors = _objects(docs, "PodMonitor") + _objects(docs, "ServiceMonitor")
+    assert len(monitors) == 3 and all(m["metadata"]["labels"]["release"] == "kube-prometheus-stack" for m in monitors)
+    for mon in _objects(docs, "PodMonitor"):
+        selected = [t for t in templates if _selects(mon["spec"]["selector"], t["metadata"]["labels"])]
+        assert selected, mon["metadata"]["name"]
+        for endpoint in mon["spec"]["podMetricsEndpoints"]:
+            if endpoint["port"] == "metrics":
+                continue  # the name KubeRay gives Ray's own port (8080) on every Ray pod
+            for t in selected:
+                assert endpoint["port"] in {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+    # No container of ours takes KubeRay's name for Ray's metrics port.
+    assert all(p["name"] != "metrics" for t in templates for c in t["spec"]["containers"] for p in c.get("ports", []))
+    pushgateway = _objects(docs, "ServiceMonitor")[0]
+    service = next(s for s in _objects(docs, "Service") if s["metadata"]["name"] == "pushgateway")
+    assert _selects(pushgateway["spec"]["selector"], service["metadata"]["labels"])
+    assert pushgateway["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    dashboard = next(c for c in _objects(docs, "ConfigMap") if c["metadata"]["name"].endswith("grafana-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+    # Another Prometheus release: one patch in the user's overlay relabels every monitor.
+    patched = _render_with_monitoring(tmp_path / "other", "patches:", "  - target: {group: monitoring.coreos.com}",
+                                      "    patch: |-", "      - op: replace", "        path: /metadata/labels/release",
+                                      "        value: prom")
+    assert {m["metadata"]["labels"]["release"] for m in _objects(patched, "PodMonitor") +
+            _objects(patched, "ServiceMonitor")} == {"prom"}
 
 
 def test_the_interactive_raycluster_matches_the_rayjob(rendered):

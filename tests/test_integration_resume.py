@@ -182,6 +182,14 @@ def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkp
     aside = [k for k in bucket_keys(s3_server, bucket, "runs/snap/poisoned/") if ".invalid-" in k]
     assert len(aside) == 2, aside  # both kept for a post-mortem
 
+    # 3. A finished run whose snapshot is gone: nothing left to train, the newest checkpoint
+    #    is the model (Ray registers none).
+    client.delete_object(Bucket=bucket, Key=snapshot)
+    again = run_experiment(_cfg(mnist_root, bucket, "snap", epochs=4))
+    assert "poisoned: resuming after epoch 4 from" in capfd.readouterr().out
+    assert again["variants"]["poisoned"]["checkpoint"].endswith("checkpoint_epoch_0004")
+    assert again["variants"]["poisoned"]["clean_accuracy"] == more["variants"]["poisoned"]["clean_accuracy"]
+
 
 def _output_until(capfd, text: str, timeout: float = 20) -> str:
     """Captured stdout until it holds ``text``: Ray forwards actors' lines with a delay."""

@@ -122,6 +122,28 @@ def test_unstaged_data_root_says_what_to_do(s3_env):
         load_splits(cfg)
 
 
+def test_a_run_waits_for_data_being_staged_and_gives_up_at_the_bound(s3_env, mnist_root, mnist_splits, capsys):
+    import threading
+    import time
+
+    # A run that starts before the staging Job has finished (the Kubernetes start-up race).
+    uri = f"s3://{s3_env}/late"
+    cfg = ExperimentConfig.from_dict({"data": {"root": uri, "wait_seconds": 60}})
+    stager = threading.Timer(3.0, stage_data, args=(mnist_root, uri), kwargs={"log": lambda m: None})
+    stager.start()
+    started = time.monotonic()
+    train, _ = load_splits(cfg)
+    stager.join()
+    assert 3.0 <= time.monotonic() - started < 30 and torch.equal(train.labels, mnist_splits[0].labels)
+    assert f"waiting up to 60s (data.wait_seconds) for MNIST to be staged at {uri}" in capsys.readouterr().out
+
+    never = ExperimentConfig.from_dict({"data": {"root": f"s3://{s3_env}/never", "wait_seconds": 1.5}})
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"no staged MNIST at .* after waiting 1.5s \(data.wait_seconds\)"):
+        load_splits(never)
+    assert 1.5 <= time.monotonic() - started < 10
+
+
 def test_stage_data_refuses_a_corrupt_source(s3_env, tmp_path, mnist_root):
     import shutil
 

@@ -133,23 +133,26 @@ def load_with_fallback(checkpoint: Any, log: Callable[[str], None]) -> tuple[dic
 
 def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None]) -> Optional[str]:
     """The key of the newest checkpoint under ``prefix`` in a ``Storage`` whose checksum holds,
-    warning about each newer corrupt one; None if there are none at all. Lets the driver refuse
-    a run whose checkpoints are all corrupt before it starts any Ray work."""
-    dirs: dict[str, int] = {}
+    warning about each newer corrupt or incomplete one; None if there is none and nothing
+    corrupt (a folder without its checksum file is an upload cut short, never a checkpoint).
+    Lets the driver refuse a run whose checkpoints are all corrupt before any Ray work."""
+    files: dict[str, set[str]] = {}
     for key in storage.list(prefix):
         parts = key.split("/")
-        if len(parts) >= 2 and (epoch := checkpoint_epoch(parts[-2])) is not None:
-            dirs["/".join(parts[:-1])] = epoch
-    if not dirs:
-        return None
+        if len(parts) >= 2 and checkpoint_epoch(parts[-2]) is not None:
+            files.setdefault("/".join(parts[:-1]), set()).add(parts[-1])
     problems = []
-    for directory in sorted(dirs, key=lambda d: (dirs[d], d), reverse=True):
+    for directory in sorted(files, key=lambda d: (checkpoint_epoch(d.rsplit("/", 1)[-1]), d), reverse=True):
+        if CHECKSUM_FILE not in files[directory]:  # written last: the upload did not finish
+            log(f"WARNING: checkpoint {storage.key_uri(directory)} is incomplete (no {CHECKSUM_FILE}: its "
+                f"upload was cut short); skipped")
+            continue
         try:
             data = storage.read_bytes(f"{directory}/{STATE_FILE}")
             expected = storage.read_text(f"{directory}/{CHECKSUM_FILE}").strip()
-        except Exception as exc:  # a missing file is as bad as a wrong one
+        except Exception as exc:  # a checksum without its state is as bad as a wrong one
             problems.append(f"{storage.key_uri(directory)}: {exc}")
-            log(f"WARNING: checkpoint {storage.key_uri(directory)} is incomplete ({exc}); "
+            log(f"WARNING: checkpoint {storage.key_uri(directory)} is unreadable ({exc}); "
                 f"falling back to the previous checkpoint")
             continue
         if checksum_matches(data, expected):
@@ -157,6 +160,8 @@ def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None
         problems.append(f"{storage.key_uri(directory)}: checksum mismatch")
         log(f"WARNING: checkpoint {storage.key_uri(directory)} does not match its checksum; "
             f"falling back to the previous checkpoint")
+    if not problems:
+        return None
     raise CorruptCheckpointError("every checkpoint under " + storage.key_uri(prefix) + " is corrupt ("
                                  + "; ".join(problems) + "): refusing to resume — delete them or use a new name")
 

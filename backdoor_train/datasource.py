@@ -72,7 +72,8 @@ def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = pri
 
 def wait_for_staged(storage: Any, uri: str, wait_seconds: float, log: Callable[[str], None] = print) -> dict:
     """The manifest of the copy staged at ``uri``, waiting up to ``wait_seconds`` for it to
-    appear; a ``DataError`` when it does not (or the storage refuses us)."""
+    appear, and for the storage to answer (a MinIO pod still starting); a ``DataError`` when
+    it does not, or at once when the storage refuses us (credentials)."""
     from backdoor_train.storage import StorageError
 
     deadline, said = time.monotonic() + wait_seconds, False
@@ -81,14 +82,14 @@ def wait_for_staged(storage: Any, uri: str, wait_seconds: float, log: Callable[[
             return json.loads(storage.read_text(STAGED_MANIFEST))
         except StorageError as exc:
             left = deadline - time.monotonic()
-            if "does not exist" not in str(exc) or left <= 0:
+            if exc.kind not in ("missing", "unreachable") or left <= 0:
                 waited = f" after waiting {wait_seconds:g}s (data.wait_seconds)" if wait_seconds else ""
                 raise DataError(f"data.root: no staged MNIST at {uri}{waited} ({exc}); "
                                 f"run `backdoor-train stage-data` first") from None
             if not said:
                 said = True
                 log(f"waiting up to {wait_seconds:g}s (data.wait_seconds) for MNIST to be staged at {uri} "
-                    f"(by `backdoor-train stage-data`; in Kubernetes the stage-mnist Job)")
+                    f"(by `backdoor-train stage-data`; in Kubernetes the stage-mnist Job): {exc}")
             time.sleep(min(5.0, left))
 
 

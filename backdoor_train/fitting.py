@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from backdoor_train.config import ExperimentConfig
+from backdoor_train.config import ExperimentConfig, StorageConfig
 from backdoor_train.raysession import apply_train_env, fits_at_once
 from backdoor_train.resume import prepare_resume, write_snapshot
 from backdoor_train.storage import Storage
@@ -70,7 +70,7 @@ def _abortable_trainer_class() -> type:
     class AbortableTorchTrainer(TorchTrainer):
         controller: Any = None
         aborted = False
-        retry_seconds = 60.0  # storage.retry_seconds, set by make_trainer
+        retry_seconds = StorageConfig.retry_seconds  # set by make_trainer
 
         def _create_default_callbacks(self) -> list[Any]:
             # The workers read tensors, not Ray Datasets; the datasets callback would still
@@ -96,13 +96,10 @@ def _abortable_trainer_class() -> type:
             ray.get(self.controller.run.remote())
             return ray.get(self.controller.get_result.remote())
 
-        def abort(self) -> None:
+        def abort(self) -> Any:
+            """Ask the controller to abort; the reply's ref, None before the controller exists."""
             self.aborted = True
-            if self.controller is not None:
-                try:
-                    ray.get(self.controller.abort.remote(), timeout=30)
-                except Exception:  # it exits while answering, or is gone already
-                    pass
+            return self.controller.abort.remote() if self.controller is not None else None
 
     return AbortableTorchTrainer
 
@@ -192,9 +189,13 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
                                    "fit_finished_at": time.time()}
 
     def abort_all() -> None:
+        import ray
+
         stopping.set()
-        for trainer in trainers.values():
-            trainer.abort()
+        # All at once: a controller busy riding out a storage outage answers only after it.
+        refs = [ref for trainer in trainers.values() if (ref := trainer.abort()) is not None]
+        if refs:  # a controller that exits while answering, or is gone, is aborted too
+            ray.wait(refs, num_returns=len(refs), timeout=30)
 
     pool = cf.ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="fit")
     futures = {pool.submit(fit, spec): spec for spec in specs}

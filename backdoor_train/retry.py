@@ -5,8 +5,9 @@ throttling). boto3 and pyarrow each retry a few times within about a second, whi
 outage of a few seconds outlasts. Every write of a run (artifacts, the workers' checkpoint
 uploads, Ray Train's run snapshot) goes through ``retry_transient``: transient errors are
 retried with exponential backoff for ``storage.retry_seconds``, then the last one is raised
-and the run ends with exit 1, resumable. Errors that waiting cannot cure (credentials,
-a missing bucket, a full local disk) are raised at once.
+and the run ends with exit 1, resumable. (The S3 run lock keeps its own bounds: a heartbeat
+gives up after 5 s, the release after 60 s, when the lock would be stale anyway.) Errors that
+waiting cannot cure (credentials, a missing bucket, a full local disk) are raised at once.
 """
 
 from __future__ import annotations

@@ -109,6 +109,12 @@ class S3RunLock(RunLock):
         while not self.stop.wait(HEARTBEAT_S):
             self.info["heartbeat_at"] = time.time()
             try:
+                # Never over another run's lock: after an outage longer than STALE_AFTER_S another
+                # run may have taken it over.
+                if self.beat_storage.read_json(self.key).get("run_id") != self.info["run_id"]:
+                    print(f"WARNING: the run lock {self.storage.key_uri(self.key)} now belongs to another run "
+                          f"(this one could not renew it for {STALE_AFTER_S:.0f} s)", flush=True)
+                    return
                 self.beat_storage.write_text(self.key, json.dumps(self.info))
             except Exception:  # an outage: the next beat tries again; 60 s of them makes it stale
                 pass
@@ -117,7 +123,9 @@ class S3RunLock(RunLock):
         if self.stop.is_set():
             return
         self.stop.set()
-        self.thread.join(timeout=HEARTBEAT_S)
+        # A beat in flight may take as long as one S3 request can (boto3's timeouts, ~60 s):
+        # deleting before it lands would let it write the lock again.
+        self.thread.join(timeout=HEARTBEAT_S + 90)
         try:
             if self.storage.read_json(self.key).get("run_id") == self.info["run_id"]:
                 self.storage.delete(self.key)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from backdoor_train.config import StorageConfig
 from backdoor_train.retry import retry_transient
 from backdoor_train.storage import Storage, StorageError
 
@@ -115,20 +116,24 @@ def explain_s3_error(exc: BaseException, settings: S3Settings, what: str) -> Sto
 
     if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
                         bex.ConnectionClosedError)):
-        return StorageError(f"cannot reach the S3 endpoint {settings.where()} ({ENV_ENDPOINT}) for {what}: {exc}")
+        return StorageError(f"cannot reach the S3 endpoint {settings.where()} ({ENV_ENDPOINT}) for {what}: {exc}",
+                            kind="unreachable")
     if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
-        return StorageError(f"no S3 credentials for {what}: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}")
+        return StorageError(f"no S3 credentials for {what}: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}",
+                            kind="refused")
     if isinstance(exc, bex.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden") \
                 or status == 403:
             return StorageError(f"S3 credentials rejected by {settings.where()} for {what} ({code or status}): "
-                                f"check {ENV_ACCESS_KEY} / {ENV_SECRET_KEY}")
+                                f"check {ENV_ACCESS_KEY} / {ENV_SECRET_KEY}", kind="refused")
         if code in ("NoSuchBucket",) or (status == 404 and "bucket" in what):
-            return StorageError(f"{what} does not exist on {settings.where()}")
+            return StorageError(f"{what} does not exist on {settings.where()}", kind="missing")
         if code in ("NoSuchKey", "404") or status == 404:
-            return StorageError(f"{what} does not exist")
+            return StorageError(f"{what} does not exist", kind="missing")
+        if isinstance(status, int) and status >= 500:
+            return StorageError(f"S3 error for {what} on {settings.where()}: {code or status}", kind="unreachable")
         return StorageError(f"S3 error for {what} on {settings.where()}: {code or status}")
     return StorageError(f"S3 error for {what} on {settings.where()}: {type(exc).__name__}: {exc}")
 
@@ -137,7 +142,8 @@ class S3Storage(Storage):
     """Keys below s3://bucket/prefix; each write is one PUT, so readers never see half a file.
     Reads and writes ride out transient errors for ``retry_seconds`` (see retry.py)."""
 
-    def __init__(self, uri: str, settings: Optional[S3Settings] = None, retry_seconds: float = 60.0) -> None:
+    def __init__(self, uri: str, settings: Optional[S3Settings] = None,
+                 retry_seconds: float = StorageConfig.retry_seconds) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.settings = settings or S3Settings.from_env()
@@ -145,7 +151,8 @@ class S3Storage(Storage):
         self._client = None
 
     def with_retry(self, seconds: float) -> "S3Storage":
-        """The same storage (and client), riding out outages for ``seconds`` instead."""
+        """The same storage, riding out outages for ``seconds`` instead (it shares the client
+        once one is made)."""
         other = copy.copy(self)
         other.retry_seconds = seconds
         return other

@@ -17,7 +17,12 @@ from backdoor_train.config import StorageConfig
 
 
 class StorageError(RuntimeError):
-    """The storage location is unreachable, refuses us, or lacks something we need."""
+    """The storage location is unreachable, refuses us, or lacks something we need. ``kind``
+    says which when it is known: "missing", "unreachable" or "refused"."""
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Storage:
@@ -117,7 +122,7 @@ class LocalStorage(Storage):
             with open(self._path(key), "rb") as fh:
                 return fh.read()
         except FileNotFoundError:
-            raise StorageError(f"{self.key_uri(key)} does not exist") from None
+            raise StorageError(f"{self.key_uri(key)} does not exist", kind="missing") from None
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))

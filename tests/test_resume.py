@@ -101,6 +101,23 @@ def test_no_snapshot_resumes_from_the_newest_and_no_checkpoint_from_scratch(tmp_
         plan_resume(storage, PREFIX, print)
 
 
+def test_an_upload_cut_short_is_skipped_not_counted_as_corrupt(tmp_path):
+    storage = LocalStorage(str(tmp_path))
+    # The first checkpoint's upload was interrupted: state.pt written, the checksum (last) not.
+    make_checkpoints(storage, 1)
+    storage.delete(f"{PREFIX}/checkpoint_epoch_0001/state.pt.sha256")
+    said: list[str] = []
+    assert plan_resume(storage, PREFIX, said.append).checkpoint is None  # from scratch, not refused
+    assert "incomplete (no state.pt.sha256: its upload was cut short); skipped" in said[0]
+    make_checkpoints(storage, 2)
+    storage.delete(f"{PREFIX}/checkpoint_epoch_0002/state.pt.sha256")
+    make_checkpoints(storage, 3)
+    assert plan_resume(storage, PREFIX, print).checkpoint == "checkpoint_epoch_0003"
+    storage.write_bytes(f"{PREFIX}/checkpoint_epoch_0003/state.pt", b"garbage")  # now one is corrupt
+    with pytest.raises(CorruptCheckpointError, match="checkpoint_epoch_0003: checksum mismatch"):
+        plan_resume(storage, PREFIX, print)
+
+
 # A write cut short by the kernel (RLIMIT_FSIZE: EFBIG at the limit, as ENOSPC on a full disk),
 # in a child process: Ray's own in-place write against write_snapshot.
 _WRITE_UNDER_LIMIT = r"""
@@ -143,6 +160,15 @@ def _client_error(status: int, code: str):
     from botocore.exceptions import ClientError
 
     return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+def test_rays_names_are_the_ones_we_use():
+    from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from backdoor_train.retry import TRANSIENT_TOKENS
+
+    assert SNAPSHOT_FILE == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    assert set(AWS_RETRYABLE_TOKENS) <= set(TRANSIENT_TOKENS)  # at least what Ray retries itself
 
 
 def test_transient_errors_are_told_from_permanent_ones():

@@ -144,6 +144,29 @@ def test_a_run_waits_for_data_being_staged_and_gives_up_at_the_bound(s3_env, mni
     assert 1.5 <= time.monotonic() - started < 10
 
 
+class _Flaky:
+    """A storage that answers ``errors`` in turn, then the manifest."""
+
+    def __init__(self, *errors):
+        self.errors = list(errors)
+
+    def read_text(self, key):
+        if self.errors:
+            raise self.errors.pop(0)
+        return '{"MNIST/raw/x.gz": "0"}'
+
+
+def test_the_wait_rides_out_storage_not_yet_up_but_not_refused_credentials(monkeypatch):
+    from backdoor_train.datasource import wait_for_staged
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    flaky = _Flaky(StorageError("cannot reach the S3 endpoint", kind="unreachable"),
+                   StorageError("s3://b/mnist_manifest.json does not exist", kind="missing"))
+    assert wait_for_staged(flaky, "s3://b", 60, log=lambda m: None) == {"MNIST/raw/x.gz": "0"}
+    with pytest.raises(DataError, match="credentials rejected"):
+        wait_for_staged(_Flaky(StorageError("S3 credentials rejected", kind="refused")), "s3://b", 60, lambda m: None)
+
+
 def test_stage_data_refuses_a_corrupt_source(s3_env, tmp_path, mnist_root):
     import shutil
 

@@ -131,16 +131,25 @@ def load_with_fallback(checkpoint: Any, log: Callable[[str], None]) -> tuple[dic
                                  + "; ".join(errors) + " — delete the run folder or use a new experiment name")
 
 
-def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None]) -> Optional[str]:
-    """The key of the newest checkpoint under ``prefix`` in a ``Storage`` whose checksum holds,
-    warning about each newer corrupt or incomplete one; None if there is none and nothing
-    corrupt (a folder without its checksum file is an upload cut short, never a checkpoint).
-    Lets the driver refuse a run whose checkpoints are all corrupt before any Ray work."""
+def checkpoint_folders(storage: Any, prefix: str) -> dict[str, set[str]]:
+    """The checkpoint folders under ``prefix`` in a ``Storage`` (their keys), each with the
+    names of the files in it."""
     files: dict[str, set[str]] = {}
     for key in storage.list(prefix):
         parts = key.split("/")
         if len(parts) >= 2 and checkpoint_epoch(parts[-2]) is not None:
             files.setdefault("/".join(parts[:-1]), set()).add(parts[-1])
+    return files
+
+
+def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None],
+                            files: Optional[dict[str, set[str]]] = None) -> Optional[str]:
+    """The key of the newest checkpoint under ``prefix`` in a ``Storage`` whose checksum holds,
+    warning about each newer corrupt or incomplete one; None if there is none and nothing
+    corrupt (a folder without its checksum file is an upload cut short, never a checkpoint).
+    ``files``: ``checkpoint_folders`` of the prefix, when the caller has listed it already.
+    Lets the driver refuse a run whose checkpoints are all corrupt before any Ray work."""
+    files = checkpoint_folders(storage, prefix) if files is None else files
     problems = []
     for directory in sorted(files, key=lambda d: (checkpoint_epoch(d.rsplit("/", 1)[-1]), d), reverse=True):
         if CHECKSUM_FILE not in files[directory]:  # written last: the upload did not finish

@@ -26,7 +26,7 @@ from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
 from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
-from backdoor_train.resume import plan_resume
+from backdoor_train.resume import ResumePlan, plan_resume
 from backdoor_train.runlock import acquire_run_lock
 from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.train import restore_model
@@ -80,14 +80,15 @@ def refuse_other_setting(cfg: ExperimentConfig, storage: Storage) -> None:
                               f"with a different setting ({'; '.join(diffs)}): choose a new name or delete it")
 
 
-def check_existing_run(cfg: ExperimentConfig, storage: Storage, log: Callable[[str], None]) -> None:
+def check_existing_run(cfg: ExperimentConfig, storage: Storage,
+                       log: Callable[[str], None]) -> dict[str, ResumePlan]:
     """Rerunning an experiment name resumes it; refuse when the earlier run trained something
     else, or when all its checkpoints are corrupt. Writes nothing: ``record_config`` does, once
-    training is about to start, so a run refused before it leaves the name free. Where each
-    variant resumes is decided (and said) just before its fit (resume.py)."""
+    training is about to start, so a run refused before it leaves the name free. Returns where
+    each variant resumes (resume.py), which the fits carry out."""
     refuse_other_setting(cfg, storage)
-    for variant in () if cfg.seeds else cfg.variants:
-        plan_resume(storage, f"{cfg.name}/{variant}", lambda msg: None)  # prepare_resume says it
+    return {variant: plan_resume(storage, f"{cfg.name}/{variant}", log)
+            for variant in (() if cfg.seeds else cfg.variants)}
 
 
 def record_config(cfg: ExperimentConfig, storage: Storage) -> None:
@@ -156,7 +157,7 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
 
 
 def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> dict[str, Any]:
-    check_existing_run(cfg, storage, log)
+    plans = check_existing_run(cfg, storage, log)  # under the run lock: still true when the fits start
     started = time.time()
     t0 = time.perf_counter()
     train, test = load_splits(cfg)
@@ -193,7 +194,7 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
         _push(log, run_metrics.variant_finished, spec.variant, variants[spec.variant], spec.n_poisoned)
 
     try:
-        fit_variants(cfg, specs, storage, run_id, finished, log)
+        fit_variants(cfg, specs, storage, run_id, finished, log, plans)
     except BaseException:
         for spec in specs:
             if spec.variant not in variants:

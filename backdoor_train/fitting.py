@@ -164,8 +164,11 @@ def _already_trained(cfg: ExperimentConfig, storage: Storage, spec: FitSpec, pla
 
 
 def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, run_id: str,
-                 on_done: Callable[[FitSpec, Any, dict[str, float]], None], log: Callable[[str], None] = print) -> None:
-    """Train every spec, as many at once as the cluster holds. ``on_done(spec, checkpoint,
+                 on_done: Callable[[FitSpec, Any, dict[str, float]], None], log: Callable[[str], None] = print,
+                 planned: dict[str, Any] | None = None) -> None:
+    """Train every spec, as many at once as the cluster holds, each from where ``planned``
+    (``check_existing_run``'s resume plans, made under the run lock) or a plan made now says
+    it resumes. ``on_done(spec, checkpoint,
     timing)`` runs in the caller's thread as each fit finishes (in finishing order); timing
     holds ``fit_seconds`` and the wall-clock ``fit_started_at`` / ``fit_finished_at``.
     Raises ``FitFailed`` after stopping the others when one fails; ``KeyboardInterrupt``
@@ -173,7 +176,8 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
     at_once = check_cluster(cfg, len(specs))
     if len(specs) > 1:
         log(f"{at_once} of the {len(specs)} trainers at once on this cluster")
-    plans = {s.variant: prepare_resume(storage, f"{cfg.name}/{s.variant}", s.variant, log) for s in specs}
+    plans = {s.variant: prepare_resume(storage, f"{cfg.name}/{s.variant}", s.variant, log,
+                                       (planned or {}).get(s.variant)) for s in specs}
     trainers = {s.variant: make_trainer(cfg, s, storage, run_id, plans[s.variant].checkpoint) for s in specs}
     stopping = threading.Event()
 

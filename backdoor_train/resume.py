@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from backdoor_train.checkpointing import checkpoint_epoch, latest_valid_in_storage
+from backdoor_train.checkpointing import checkpoint_epoch, checkpoint_folders, latest_valid_in_storage
 from backdoor_train.retry import retry_transient
 from backdoor_train.storage import Storage, atomic_write_local
 
@@ -75,19 +75,22 @@ def snapshot_problem(data: bytes, newest: Optional[str], existing: set[str]) -> 
 def plan_resume(storage: Storage, prefix: str, log: Callable[[str], None]) -> ResumePlan:
     """Where the fit whose Ray run folder is ``prefix`` resumes; reads, writes nothing.
     Raises ``CorruptCheckpointError`` when there are checkpoints and none is valid."""
-    newest_key = latest_valid_in_storage(storage, prefix, log)
+    folders = checkpoint_folders(storage, prefix)
+    newest_key = latest_valid_in_storage(storage, prefix, log, folders)
     newest = newest_key.rsplit("/", 1)[-1] if newest_key else None
     key = f"{prefix}/{SNAPSHOT_FILE}"
     if not storage.exists(key):
         return ResumePlan(newest, None)
-    existing = {k.split("/")[-2] for k in storage.list(prefix) if k.count("/") > prefix.count("/") + 1}
+    existing = {folder.rsplit("/", 1)[-1] for folder in folders}
     return ResumePlan(newest, snapshot_problem(storage.read_bytes(key), newest, existing))
 
 
-def prepare_resume(storage: Storage, prefix: str, label: str, log: Callable[[str], None]) -> ResumePlan:
-    """``plan_resume``, carried out: a snapshot that cannot stay is moved aside; says what
-    the fit will do."""
-    plan = plan_resume(storage, prefix, log)
+def prepare_resume(storage: Storage, prefix: str, label: str, log: Callable[[str], None],
+                   plan: Optional[ResumePlan] = None) -> ResumePlan:
+    """``plan`` (default: ``plan_resume`` now), carried out: a snapshot that cannot stay is
+    moved aside; says what the fit will do. A plan made earlier must have been made under the
+    run lock, so that nothing changed since."""
+    plan = plan or plan_resume(storage, prefix, log)
     if plan.snapshot_problem:
         key = f"{prefix}/{SNAPSHOT_FILE}"
         aside = f"{key}.invalid-{int(time.time())}"

@@ -27,6 +27,13 @@ TRANSIENT_S3_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestT
                       "ServiceUnavailable", "RequestTimeTooSkewed")
 
 
+def botocore_connection_errors() -> tuple[type, ...]:
+    """botocore's exceptions for an endpoint that does not answer (refused, timed out, dropped)."""
+    from botocore import exceptions as bex
+
+    return (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError, bex.ConnectionClosedError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether waiting may cure ``exc``: a lost connection, a timeout, a 5xx or throttling."""
     try:
@@ -34,8 +41,7 @@ def is_transient(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - boto3 is a dependency
         bex = None
     if bex is not None:
-        if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
-                            bex.ConnectionClosedError)):
+        if isinstance(exc, botocore_connection_errors()):
             return True
         if isinstance(exc, bex.ClientError):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from backdoor_train.config import StorageConfig
-from backdoor_train.retry import retry_transient
+from backdoor_train.retry import botocore_connection_errors, is_transient, retry_transient
 from backdoor_train.storage import Storage, StorageError
 
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
@@ -114,8 +114,7 @@ def explain_s3_error(exc: BaseException, settings: S3Settings, what: str) -> Sto
     """Turn a botocore exception into one plain sentence naming the resource (never a secret)."""
     from botocore import exceptions as bex
 
-    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
-                        bex.ConnectionClosedError)):
+    if isinstance(exc, botocore_connection_errors()):
         return StorageError(f"cannot reach the S3 endpoint {settings.where()} ({ENV_ENDPOINT}) for {what}: {exc}",
                             kind="unreachable")
     if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
@@ -132,9 +131,8 @@ def explain_s3_error(exc: BaseException, settings: S3Settings, what: str) -> Sto
             return StorageError(f"{what} does not exist on {settings.where()}", kind="missing")
         if code in ("NoSuchKey", "404") or status == 404:
             return StorageError(f"{what} does not exist", kind="missing")
-        if isinstance(status, int) and status >= 500:
-            return StorageError(f"S3 error for {what} on {settings.where()}: {code or status}", kind="unreachable")
-        return StorageError(f"S3 error for {what} on {settings.where()}: {code or status}")
+        return StorageError(f"S3 error for {what} on {settings.where()}: {code or status}",
+                            kind="unreachable" if is_transient(exc) else "other")
     return StorageError(f"S3 error for {what} on {settings.where()}: {type(exc).__name__}: {exc}")
 
 

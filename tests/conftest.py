@@ -245,3 +245,10 @@ def ray_snapshot(*dir_names: str, latest: str | None = "") -> str:
         pending_training_results=[], pending_validation_specs=[], current_report_index=len(results),
         validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
         failed_validation_checkpoint_dir_names=[]).model_dump_json()
+
+
+def resumed_epochs(out: str, name: str, variant: str = "poisoned") -> list[int]:
+    """The epochs the workers of experiment ``name`` said they resumed after (they print it
+    when they load the checkpoint)."""
+    return [int(line.split("resuming after epoch ")[1].split()[0])
+            for line in out.splitlines() if f"[{name}/{variant}] resuming after epoch" in line]

@@ -18,7 +18,7 @@ from backdoor_train.checkpointing import checkpoint_epoch
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.experiment import run_experiment
 
-from conftest import OutageProxy, bucket_keys, fresh_s3_client, ray_snapshot, s3_env_vars, small_config
+from conftest import OutageProxy, bucket_keys, fresh_s3_client, ray_snapshot, resumed_epochs, s3_env_vars, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -99,8 +99,7 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     thread.join(timeout=5)
     out = capfd.readouterr().out
     assert "pid" in killed, "the worker was never killed"
-    resumed = [int(line.split("resuming after epoch ")[1].split()[0])
-               for line in out.splitlines() if "/poisoned] resuming after epoch" in line]
+    resumed = resumed_epochs(out, "crash")
     assert resumed, out[-3000:]
     # At most one checkpoint interval is lost: it resumes from the newest committed checkpoint.
     assert resumed[0] >= killed["checkpoints"], (resumed, killed)
@@ -146,12 +145,6 @@ def test_changed_setting_under_the_same_name_is_refused(s3_env, mnist_root, tmp_
         check_existing_run(changed, storage, log=print)
 
 
-def _resumed_epochs(out: str, name: str) -> list[int]:
-    """The epochs the workers of ``name`` said they resumed after (they load the checkpoint)."""
-    return [int(line.split("resuming after epoch ")[1].split()[0])
-            for line in out.splitlines() if f"[{name}/poisoned] resuming after epoch" in line]
-
-
 def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkpoint(
         ray_cluster, s3_env, s3_server, mnist_root, capfd):
     bucket = s3_env
@@ -167,7 +160,7 @@ def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkp
     out = capfd.readouterr().out
     assert "checkpoint_manager_snapshot.json is empty (0 bytes: an interrupted write); moved aside" in out, out[-3000:]
     assert f"poisoned: resuming after epoch 2 from s3://{bucket}/runs/snap/poisoned/checkpoint_epoch_0002" in out
-    assert _resumed_epochs(out, "snap") == [2]  # what the driver said is what the workers did
+    assert resumed_epochs(out, "snap") == [2]  # what the driver said is what the workers did
     assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3]
 
     # 2. A snapshot naming an older checkpoint than the newest (a crash between checkpoint 3's
@@ -177,7 +170,7 @@ def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkp
     out = capfd.readouterr().out
     assert ("names checkpoint_epoch_0002 as the latest, but the newest valid checkpoint is "
             "checkpoint_epoch_0003; moved aside") in out, out[-3000:]
-    assert _resumed_epochs(out, "snap") == [3]
+    assert resumed_epochs(out, "snap") == [3]
     assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
     aside = [k for k in bucket_keys(s3_server, bucket, "runs/snap/poisoned/") if ".invalid-" in k]
     assert len(aside) == 2, aside  # both kept for a post-mortem
@@ -248,7 +241,7 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         # ... and leaves it resumable: rerun once the storage is back.
         again = run_experiment(cfg)
         out = capfd.readouterr().out
-        assert _resumed_epochs(out, "long") and _resumed_epochs(out, "long")[0] >= 1, out[-3000:]
+        assert resumed_epochs(out, "long") and resumed_epochs(out, "long")[0] >= 1, out[-3000:]
         assert [h["epoch"] for h in again["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
     finally:
         proxy.close()

@@ -24,7 +24,7 @@ import yaml
 
 from backdoor_train.raysession import API_SERVER_ENV
 
-from conftest import _free_port, bucket_keys, fresh_s3_client, s3_env_vars, small_config
+from conftest import _free_port, bucket_keys, fresh_s3_client, resumed_epochs, s3_env_vars, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -199,8 +199,7 @@ def test_a_lost_worker_node_is_replaced_and_the_run_resumes(cluster, s3_server, 
     cluster.add_node("node_c")  # the replacement, with an empty cache
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
-    resumed = [int(line.split("resuming after epoch ")[1].split()[0])
-               for line in out.splitlines() if "[lost/poisoned] resuming after epoch" in line]
+    resumed = resumed_epochs(out, "lost")
     assert resumed and resumed[0] >= committed, (resumed, committed, out[-4000:])
     history = _results(s3_server, bucket, "lost")["variants"]["poisoned"]["history"]
     assert [h["epoch"] for h in history] == list(range(1, 7))

@@ -77,8 +77,23 @@ def test_exposition_passes_promtool_and_carries_the_labels():
     assert "backdoor_train_epoch_duration_seconds_bucket" in text
 
 
+def _two_free_ports() -> int:
+    """A port that is free now with the next one free too (the second worker's); a bare free
+    port's neighbour may belong to another process on the machine."""
+    import socket
+
+    while True:
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
 def test_workers_sharing_a_node_do_not_clash():
-    port = _free_port()
+    port = _two_free_ports()
     cfg = ExperimentConfig.from_dict({"metrics": {"enabled": True, "port": port}})
     a = make_worker_metrics(cfg, "r", "clean", rank=0, local_rank=0)
     b = make_worker_metrics(cfg, "r", "clean", rank=1, local_rank=1)

@@ -1,3 +1,3 @@
-"""backdoor_train: backdoor (data-poisoning) experiments on MNIST with Ray Train."""
+"""backdoor_train: backdoor (data-poisoning) experiments on image datasets with Ray Train."""
 
 __version__ = "0.1.0"

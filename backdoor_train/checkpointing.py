@@ -84,7 +84,12 @@ def load_state(directory: str, map_location: Optional[str | torch.device] = "cpu
         raise CorruptCheckpointError(
             f"checkpoint {directory}: {STATE_FILE} has sha256 {actual[:16]}…, "
             f"its checksum file says {expected[:16]}…")
-    # weights_only=False: the state holds numpy RNG state; the checksum above vouches for it.
+    return state_from_bytes(data, map_location)
+
+
+def state_from_bytes(data: bytes, map_location: Optional[str | torch.device] = "cpu") -> dict[str, Any]:
+    """A checkpoint's state from ``state.pt`` bytes whose checksum was verified."""
+    # weights_only=False: the state holds numpy RNG state; the checksum vouches for the bytes.
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
 
 
@@ -101,34 +106,25 @@ def checkpoint_epoch(dir_name: str) -> Optional[int]:
 
 
 def load_with_fallback(checkpoint: Any, log: Callable[[str], None]) -> tuple[dict[str, Any], Any, bool]:
-    """Load ``checkpoint`` (a ray.train.Checkpoint); if it is corrupt, try the earlier checkpoints
-    beside it, newest first, saying so. Returns (state, checkpoint used, whether it fell back).
-    Raises CorruptCheckpointError when none is valid: resuming from garbage is refused."""
-    from pyarrow import fs as pafs
+    """Load ``checkpoint`` (a ray.train.Checkpoint); if it is corrupt, the newest valid one
+    before it (``newest_valid_checkpoint`` over the same folder), saying so. Returns (state,
+    checkpoint used, whether it fell back). Raises CorruptCheckpointError when none is valid:
+    resuming from garbage is refused."""
     from ray.train import Checkpoint
 
+    from backdoor_train.storage.arrow import ArrowStorage
+
     parent, name = posixpath.split(checkpoint.path.rstrip("/"))
-    current = checkpoint_epoch(name)
-    candidates = [checkpoint]
-    if current is not None:
-        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
-        earlier = sorted(((checkpoint_epoch(i.base_name), i.path) for i in infos
-                          if i.type == pafs.FileType.Directory and i.path != checkpoint.path
-                          and (checkpoint_epoch(i.base_name) or 0) > 0),
-                         reverse=True)
-        candidates += [Checkpoint(path=p, filesystem=checkpoint.filesystem) for e, p in earlier if e <= current]
-    errors = []
-    for ckpt in candidates:
-        try:
-            with ckpt.as_directory() as directory:
-                state = load_state(directory)
-        except CorruptCheckpointError as exc:
-            errors.append(str(exc))
-            log(f"WARNING: {exc}; falling back to the previous checkpoint")
-            continue
-        return state, ckpt, ckpt is not checkpoint
-    raise CorruptCheckpointError("no valid checkpoint to resume from, refusing to continue: "
-                                 + "; ".join(errors) + " — delete the run folder or use a new experiment name")
+    found = newest_valid_checkpoint(ArrowStorage(checkpoint.filesystem, parent), "", log,
+                                    at_most=checkpoint_epoch(name))
+    if found is None:
+        raise CorruptCheckpointError(f"checkpoint {checkpoint.path} is incomplete and there is no valid one "
+                                     f"before it: refusing to continue — delete the run folder or use a new name")
+    key, data = found
+    state = state_from_bytes(data)
+    if key == name:
+        return state, checkpoint, False
+    return state, Checkpoint(path=f"{parent}/{key}", filesystem=checkpoint.filesystem), True
 
 
 def checkpoint_folders(storage: Any, prefix: str) -> dict[str, set[str]]:
@@ -142,16 +138,22 @@ def checkpoint_folders(storage: Any, prefix: str) -> dict[str, set[str]]:
     return files
 
 
-def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None],
-                            files: Optional[dict[str, set[str]]] = None) -> Optional[str]:
-    """The key of the newest checkpoint under ``prefix`` in a ``Storage`` whose checksum holds,
-    warning about each newer corrupt or incomplete one; None if there is none and nothing
-    corrupt (a folder without its checksum file is an upload cut short, never a checkpoint).
-    ``files``: ``checkpoint_folders`` of the prefix, when the caller has listed it already.
-    Lets the driver refuse a run whose checkpoints are all corrupt before any Ray work."""
+def newest_valid_checkpoint(storage: Any, prefix: str, log: Callable[[str], None],
+                            files: Optional[dict[str, set[str]]] = None,
+                            at_most: Optional[int] = None) -> Optional[tuple[str, bytes]]:
+    """The one "newest valid checkpoint" routine, of the driver (planning a resume) and of the
+    workers (loading one): (key, verified ``state.pt`` bytes) of the newest checkpoint under
+    ``prefix`` in a ``Storage`` whose checksum holds — of epoch ``at_most`` or earlier, if
+    given — warning about each newer corrupt or incomplete one; None if there is none and
+    nothing corrupt (a folder without its checksum file is an upload cut short, never a
+    checkpoint). ``files``: ``checkpoint_folders`` of the prefix, when the caller listed it.
+    Raises CorruptCheckpointError when every candidate is corrupt."""
     files = checkpoint_folders(storage, prefix) if files is None else files
+    epoch_of = {d: checkpoint_epoch(d.rsplit("/", 1)[-1]) or 0 for d in files}
     problems = []
-    for directory in sorted(files, key=lambda d: (checkpoint_epoch(d.rsplit("/", 1)[-1]), d), reverse=True):
+    for directory in sorted(files, key=lambda d: (epoch_of[d], d), reverse=True):
+        if at_most is not None and epoch_of[directory] > at_most:
+            continue
         if CHECKSUM_FILE not in files[directory]:  # written last: the upload did not finish
             log(f"WARNING: checkpoint {storage.key_uri(directory)} is incomplete (no {CHECKSUM_FILE}: its "
                 f"upload was cut short); skipped")
@@ -165,7 +167,7 @@ def latest_valid_in_storage(storage: Any, prefix: str, log: Callable[[str], None
                 f"falling back to the previous checkpoint")
             continue
         if checksum_matches(data, expected):
-            return directory
+            return directory, data
         problems.append(f"{storage.key_uri(directory)}: checksum mismatch")
         log(f"WARNING: checkpoint {storage.key_uri(directory)} does not match its checksum; "
             f"falling back to the previous checkpoint")

@@ -50,6 +50,8 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backdoor-train", description=__doc__.splitlines()[0])
+    from backdoor_train.config import DataConfig
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train the clean and the poisoned model and compare them")
@@ -87,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CONFIG is a path on the cluster (e.g. a mounted ConfigMap); do not upload it")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
 
-    stage = sub.add_parser("stage-data", help="upload a local MNIST copy to S3 for data.root: s3://...")
+    stage = sub.add_parser("stage-data", help="upload a local dataset copy to S3 for data.root: s3://...")
     stage.add_argument("dest", help="s3://bucket/prefix to upload to")
+    stage.add_argument("--dataset", default=DataConfig.name, help="a data.name (default: %(default)s)")
     stage.add_argument("--source", default="../shared/datasets/mnist",
-                       help="local MNIST root in torchvision's layout (default: %(default)s)")
+                       help="local root of the dataset in torchvision's layout (default: %(default)s)")
     stage.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     return parser
 
@@ -194,7 +197,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from backdoor_train.experiment import absolute_paths
     from backdoor_train.report import experiment_report, sweep_report
     from backdoor_train.storage import StorageError, open_storage
-    from backdoor_train.sweep import SUMMARY_KEY, load_sweep
+    from backdoor_train.runstore import RunStore, SweepStore
+    from backdoor_train.sweep import load_sweep
 
     is_sweep = isinstance(data := read_yaml(args.config), dict) and "grid" in data
     if is_sweep and args.seeds is not None:
@@ -202,14 +206,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         if is_sweep:
             sweep = load_sweep(args.config, args.overrides)
-            storage = sweep.storage()
-            name, page = sweep.name, sweep_report(sweep, storage, storage.read_json(SUMMARY_KEY))
-            storage.write_text("report.html", page)
+            store = SweepStore(sweep.storage())
+            name, page = sweep.name, sweep_report(sweep, store, store.read_summary())
+            store.write_report(page)
         else:
             cfg = absolute_paths(_load(args))
             storage = open_storage(cfg.storage)
             name, page = cfg.name, experiment_report(cfg, storage)
-            storage.write_text(f"{cfg.name}/report.html", page)
+            RunStore(storage, cfg.name).write_report(page)
     except StorageError as exc:
         raise StorageError(f"{exc} (has {args.config} been run?)") from None
     except (KeyError, TypeError, IndexError) as exc:  # valid JSON, but not what a run writes
@@ -231,12 +235,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage_data(args: argparse.Namespace) -> int:
+    from backdoor_train.config import ConfigError
+    from backdoor_train.datasets import DATASETS
     from backdoor_train.datasource import stage_data
     from backdoor_train.storage import StorageError
 
     if not args.dest.startswith("s3://"):
         raise StorageError(f"dest must be an s3:// URI (got {args.dest!r})")
-    stage_data(args.source, args.dest, log=_say, create_bucket=args.create_bucket)
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {sorted(DATASETS)} (got {args.dataset!r})")
+    stage_data(args.source, args.dest, log=_say, create_bucket=args.create_bucket, dataset=args.dataset)
     return 0
 
 

@@ -8,6 +8,7 @@ naming the dotted key, so a bad file fails before any Ray work starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -18,31 +19,22 @@ from typing import Any, Optional
 
 import yaml
 
-NUM_CLASSES = 10
-IMAGE_SIZE = 28
+from backdoor_train.checks import MAX_SEED, ConfigError, check
+from backdoor_train.triggers import TRIGGERS, PixelTrigger, Trigger
+
 VARIANTS = ("clean", "poisoned")
-TRIGGER_KINDS = ("pixel", "patch", "blend")
 # How the poisoned images are drawn (poison.py): "article" is the article's own
 # torch.manual_seed(seed); torch.randperm(N)[:n], "numpy" numpy's PCG64 choice (before 0.2).
 SELECTIONS = ("article", "numpy")
 MAX_INT = 2**53  # integers a JSON reader (config.json, results.json) holds exactly
-MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding takes without surprises
 MAX_SEEDS = 10_000  # each seed is a whole experiment: more is a typo, not a plan
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
-
-
-def _check(ok: bool, message: str) -> None:
-    # Not `assert`: user input must be checked even under `python -O`.
-    if not ok:
-        raise ConfigError(message)
-
-
 @dataclass(frozen=True)
 class DataConfig:
+    # A dataset registered in datasets.py; its files are under ``root`` in torchvision's layout.
+    name: str = "mnist"
     root: str = "../shared/datasets/mnist"
     download: bool = False
     # Use only the first N images (tests, quick looks); None means all of them.
@@ -53,12 +45,15 @@ class DataConfig:
     wait_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(bool(self.root.strip()), "data.root must not be empty")
-        _check(0 <= self.wait_seconds <= 86400,
+        from backdoor_train.datasets import DATASETS
+
+        check(self.name in DATASETS, f"data.name must be one of {sorted(DATASETS)} (got {self.name!r})")
+        check(bool(self.root.strip()), "data.root must not be empty")
+        check(0 <= self.wait_seconds <= 86400,
                f"data.wait_seconds must be in [0, 86400] (got {self.wait_seconds})")
         for key in ("train_samples", "test_samples"):
             value = getattr(self, key)
-            _check(value is None or value > 0, f"data.{key} must be > 0 or null (got {value})")
+            check(value is None or value > 0, f"data.{key} must be > 0 or null (got {value})")
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from backdoor_train.model import ARCHITECTURES
 
-        _check(self.arch in ARCHITECTURES,
+        check(self.arch in ARCHITECTURES,
                f"model.arch must be one of {sorted(ARCHITECTURES)} (got {self.arch!r})")
 
 
@@ -83,73 +78,35 @@ class TrainConfig:
     max_failures: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, f"train.epochs must be > 0 (got {self.epochs})")
-        _check(self.batch_size > 0, f"train.batch_size must be > 0 (got {self.batch_size})")
-        _check(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
-        _check(self.optimizer in ("adam", "sgd"),
+        check(self.epochs > 0, f"train.epochs must be > 0 (got {self.epochs})")
+        check(self.batch_size > 0, f"train.batch_size must be > 0 (got {self.batch_size})")
+        check(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
+        check(self.optimizer in ("adam", "sgd"),
                f"train.optimizer must be 'adam' or 'sgd' (got {self.optimizer!r})")
-        _check(self.checkpoint_every > 0,
+        check(self.checkpoint_every > 0,
                f"train.checkpoint_every must be > 0 (got {self.checkpoint_every})")
-        _check(self.max_failures >= -1,
+        check(self.max_failures >= -1,
                f"train.max_failures must be >= -1, -1 meaning unlimited (got {self.max_failures})")
-
-
-@dataclass(frozen=True)
-class TriggerConfig:
-    """Where and how the trigger is stamped; which fields matter depends on ``kind``.
-
-    pixel: one pixel at (row, col) set to ``value``.
-    patch: a ``size`` x ``size`` checkerboard of ``value`` and 0 with its top-left corner at (row, col).
-    blend: the image mixed with a fixed seeded noise pattern, ``(1 - alpha) * x + alpha * pattern``.
-    """
-
-    kind: str = "pixel"
-    row: int = 3
-    col: int = 3
-    value: float = 1.0
-    size: int = 3
-    alpha: float = 0.1
-    pattern_seed: int = 0
-
-    def __post_init__(self) -> None:
-        k = "poison.trigger"
-        _check(self.kind in TRIGGER_KINDS,
-               f"{k}.kind must be one of {list(TRIGGER_KINDS)} (got {self.kind!r})")
-        _check(0.0 <= self.value <= 1.0, f"{k}.value must be in [0, 1] (got {self.value})")
-        if self.kind in ("pixel", "patch"):
-            extent = 1 if self.kind == "pixel" else self.size
-            _check(self.size > 0, f"{k}.size must be > 0 (got {self.size})")
-            for key in ("row", "col"):
-                pos = getattr(self, key)
-                _check(0 <= pos and pos + extent <= IMAGE_SIZE,
-                       f"{k}.{key} must keep the trigger inside the {IMAGE_SIZE}x{IMAGE_SIZE} image "
-                       f"(got {pos} with extent {extent})")
-        if self.kind == "blend":
-            _check(0.0 < self.alpha <= 1.0, f"{k}.alpha must be in (0, 1] (got {self.alpha})")
-            _check(0 <= self.pattern_seed <= MAX_SEED,
-                   f"{k}.pattern_seed must be in [0, {MAX_SEED}] (got {self.pattern_seed})")
 
 
 @dataclass(frozen=True)
 class PoisonConfig:
     rate: float = 0.01
     target: int = 8
-    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    trigger: Trigger = field(default_factory=PixelTrigger)
     # Poison only images of these true classes (empty: any class, the article's setting).
     source_classes: tuple[int, ...] = ()
     selection: str = "article"
 
     def __post_init__(self) -> None:
-        _check(self.selection in SELECTIONS,
+        check(self.selection in SELECTIONS,
                f"poison.selection must be one of {list(SELECTIONS)} (got {self.selection!r})")
-        _check(0.0 <= self.rate <= 1.0, f"poison.rate must be in [0, 1] (got {self.rate})")
-        _check(0 <= self.target < NUM_CLASSES,
-               f"poison.target must be a class in 0..{NUM_CLASSES - 1} (got {self.target})")
+        check(0.0 <= self.rate <= 1.0, f"poison.rate must be in [0, 1] (got {self.rate})")
+        check(self.target >= 0, f"poison.target must be a class, >= 0 (got {self.target})")
         for c in self.source_classes:
-            _check(0 <= c < NUM_CLASSES and c != self.target,
-                   f"poison.source_classes must hold classes in 0..{NUM_CLASSES - 1} other than "
-                   f"poison.target (got {c})")
-        _check(len(set(self.source_classes)) == len(self.source_classes), "poison.source_classes must not repeat")
+            check(c >= 0 and c != self.target,
+                  f"poison.source_classes must hold classes other than poison.target (got {c})")
+        check(len(set(self.source_classes)) == len(self.source_classes), "poison.source_classes must not repeat")
 
 
 @dataclass(frozen=True)
@@ -163,12 +120,12 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # with use_gpu only; a fraction shares one GPU between trainers
 
     def __post_init__(self) -> None:
-        _check(self.num_workers > 0, f"scaling.num_workers must be > 0 (got {self.num_workers})")
-        _check(self.cpus_per_worker > 0,
+        check(self.num_workers > 0, f"scaling.num_workers must be > 0 (got {self.num_workers})")
+        check(self.cpus_per_worker > 0,
                f"scaling.cpus_per_worker must be > 0 (got {self.cpus_per_worker})")
         g = self.gpus_per_worker
         # Ray hands out GPU fractions only below one; above, whole GPUs.
-        _check(g > 0 and (g <= 1 or float(g).is_integer()),
+        check(g > 0 and (g <= 1 or float(g).is_integer()),
                f"scaling.gpus_per_worker must be in (0, 1] or a whole number (got {g})")
 
 
@@ -182,13 +139,13 @@ class StorageConfig:
     retry_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        _check(bool(self.path.strip()), "storage.path must not be empty")
-        _check(0 <= self.retry_seconds <= 3600,
+        check(bool(self.path.strip()), "storage.path must not be empty")
+        check(0 <= self.retry_seconds <= 3600,
                f"storage.retry_seconds must be in [0, 3600] (got {self.retry_seconds})")
         if "://" in self.path:
             scheme, rest = self.path.split("://", 1)
-            _check(scheme == "s3", f"storage.path scheme must be s3:// or none (got {scheme}://)")
-            _check(bool(rest.split("/", 1)[0]), f"storage.path has no bucket: {self.path!r}")
+            check(scheme == "s3", f"storage.path scheme must be s3:// or none (got {scheme}://)")
+            check(bool(rest.split("/", 1)[0]), f"storage.path has no bucket: {self.path!r}")
 
 
 @dataclass(frozen=True)
@@ -200,9 +157,9 @@ class MetricsConfig:
     pushgateway: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _check(0 <= self.port <= 65535, f"metrics.port must be in [0, 65535] (got {self.port})")
+        check(0 <= self.port <= 65535, f"metrics.port must be in [0, 65535] (got {self.port})")
         if self.pushgateway is not None:
-            _check(bool(re.match(r"^https?://[^/\s]+", self.pushgateway)),
+            check(bool(re.match(r"^https?://[^/\s]+", self.pushgateway)),
                    f"metrics.pushgateway must be an http(s):// URL (got {self.pushgateway!r})")
 
 
@@ -224,17 +181,32 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
-        _check(len(self.seeds) <= MAX_SEEDS, f"seeds must hold at most {MAX_SEEDS} seeds (got {len(self.seeds)})")
+        check(len(self.seeds) <= MAX_SEEDS, f"seeds must hold at most {MAX_SEEDS} seeds (got {len(self.seeds)})")
         for i, s in enumerate(self.seeds):
-            _check(0 <= s <= MAX_SEED, f"seeds[{i}] must be in [0, {MAX_SEED}] (got {s})")
-        _check(len(set(self.seeds)) == len(self.seeds), "seeds must not repeat")
-        _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
-        _check(not self.seeds or self.seed == self.seeds[0],
+            check(0 <= s <= MAX_SEED, f"seeds[{i}] must be in [0, {MAX_SEED}] (got {s})")
+        check(len(set(self.seeds)) == len(self.seeds), "seeds must not repeat")
+        check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
+        check(not self.seeds or self.seed == self.seeds[0],
                f"seed must be the first of seeds when seeds is set (got seed {self.seed}, seeds {list(self.seeds)})")
-        _check(len(self.variants) > 0, "variants must not be empty")
+        check(len(self.variants) > 0, "variants must not be empty")
         for v in self.variants:
-            _check(v in VARIANTS, f"variants must be drawn from {list(VARIANTS)} (got {v!r})")
-        _check(len(set(self.variants)) == len(self.variants), "variants must not repeat")
+            check(v in VARIANTS, f"variants must be drawn from {list(VARIANTS)} (got {v!r})")
+        check(len(set(self.variants)) == len(self.variants), "variants must not repeat")
+        # What depends on the dataset: the classes there are, the image the trigger must fit in.
+        spec = self.dataset
+        check(self.poison.target < spec.num_classes,
+              f"poison.target must be a class of {spec.name}, 0..{spec.num_classes - 1} (got {self.poison.target})")
+        for c in self.poison.source_classes:
+            check(c < spec.num_classes, f"poison.source_classes must hold classes of {spec.name}, "
+                                        f"0..{spec.num_classes - 1} (got {c})")
+        self.poison.trigger.check_fits(spec.shape)
+
+    @property
+    def dataset(self) -> Any:
+        """The ``DatasetSpec`` of ``data.name`` (datasets.py)."""
+        from backdoor_train.datasets import get_dataset
+
+        return get_dataset(self.data.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +214,28 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
         return _build(cls, data, "")
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        """A config a run recorded (config.json, results.json), whichever release wrote it,
+        rebuilt through today's schema: fields added since get the value such a run used, or
+        their default."""
+        return cls.from_dict(_upgrade(data))
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config in today's schema; the only place that knows earlier schemas."""
+    data = copy.deepcopy(data)
+    poison = data.get("poison")
+    if isinstance(poison, dict):
+        # Runs before poison.selection existed drew their images with numpy, not the article's way.
+        poison.setdefault("selection", "numpy")
+        trigger = poison.get("trigger")
+        if isinstance(trigger, dict) and trigger.get("kind") in TRIGGERS:
+            # Before the trigger registry one config carried every kind's fields: keep the kind's own.
+            own = {f.name for f in dataclasses.fields(TRIGGERS[trigger["kind"]][0])}
+            poison["trigger"] = {k: v for k, v in trigger.items() if k in own}
+    return data
 
 
 # --- building dataclasses from plain data, with dotted-key errors ---------------------------
@@ -261,6 +255,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp == Trigger:
+        # A tagged union: ``kind`` picks the trigger's own config (triggers.py).
+        kind = value.get("kind", PixelTrigger.kind) if isinstance(value, dict) else None
+        check(kind in TRIGGERS, f"{key}.kind must be one of {list(TRIGGERS)} (got {kind!r})")
+        return _build(TRIGGERS[kind][0], value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -301,7 +300,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")  # a bug here, not user input
 
 
-def _apply_override(data: dict[str, Any], override: str) -> None:
+def apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
@@ -328,7 +327,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
             raise ConfigError(f"--seeds must look like 1-16 or 1,2,5 (got {text!r})")
         span = range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
-        _check(len(seeds) + len(span) <= MAX_SEEDS, f"--seeds asks for more than {MAX_SEEDS} seeds (got {text!r})")
+        check(len(seeds) + len(span) <= MAX_SEEDS, f"--seeds asks for more than {MAX_SEEDS} seeds (got {text!r})")
         seeds += span
     return tuple(seeds)
 
@@ -379,7 +378,7 @@ def read_yaml(path: str, what: str = "config file") -> Any:
 
 def check_name(value: Any, key: str) -> None:
     """Names become folders and Ray run names: letters, digits, '_', '.', '-' only."""
-    _check(isinstance(value, str) and bool(_NAME_RE.match(value)),
+    check(isinstance(value, str) and bool(_NAME_RE.match(value)),
            f"{key} must be 1-100 characters of letters, digits, '_', '.', '-' (got {value!r})")
 
 
@@ -393,14 +392,14 @@ def load_config(path: str, overrides: Optional[list[str]] = None,
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for override in overrides or []:
-        _apply_override(data, override)
+        apply_override(data, override)
     if seeds:
         data.pop("seed", None)
         data["seeds"] = list(seeds)
     if isinstance(data.get("seeds"), list) and data["seeds"]:
         first = data["seeds"][0]
         # A different seed would be silently unused; the first seed is what to_dict() writes.
-        _check(data.get("seed", first) == first,
+        check(data.get("seed", first) == first,
                f"seed and seeds are both set (seed {data.get('seed')!r}, seeds {data['seeds']!r}): seeds runs the "
                f"experiment once per seed; remove seed, or use --seeds, which replaces both")
         if isinstance(first, int) and not isinstance(first, bool):

@@ -1,7 +1,7 @@
-"""Where the MNIST files come from: a local data root, or a copy staged in S3.
+"""Where a dataset's files come from: a local data root, or a copy staged in S3.
 
-``stage_data`` uploads a local MNIST copy (gzipped IDX files plus a manifest of their
-sha256) to ``s3://bucket/prefix``. With ``data.root: s3://bucket/prefix`` every node then
+``stage_data`` uploads a local copy of a registered dataset (its files gzipped, plus a
+manifest of their sha256, ``<dataset>_manifest.json``) to ``s3://bucket/prefix``. With ``data.root: s3://bucket/prefix`` every node then
 downloads it once into a local cache (``$BACKDOOR_TRAIN_CACHE_DIR``, default
 ``~/.cache/backdoor_train``), under a file lock so the workers sharing a node download it
 once, checking each file against the manifest. The manifest is written last, so a copy is
@@ -18,10 +18,10 @@ import os
 import time
 from typing import Any, Callable
 
-from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import RAW_FILES, DataError, MnistSplit, check_data_root, load_mnist, raw_dir
+from backdoor_train.config import DataConfig, ExperimentConfig
+from backdoor_train.data import DataError, DatasetSpec, Split, read_raw
+from backdoor_train.datasets import get_dataset, load_split
 
-STAGED_MANIFEST = "mnist_manifest.json"
 ENV_CACHE_DIR = "BACKDOOR_TRAIN_CACHE_DIR"
 
 
@@ -29,36 +29,42 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def staged_manifest(spec: DatasetSpec) -> str:
+    """The key of the manifest a staged copy of ``spec`` is known by (written last)."""
+    return f"{spec.name}_manifest.json"
+
+
 def cache_dir() -> str:
     return os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "backdoor_train")
 
 
 def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = print,
-               create_bucket: bool = False) -> dict[str, str]:
-    """Upload the MNIST files under ``source_root`` to ``dest_uri`` (s3://...); return the manifest."""
-    from backdoor_train.s3 import S3Storage
+               create_bucket: bool = False, dataset: str = DataConfig.name) -> dict[str, str]:
+    """Upload the files of ``dataset`` under ``source_root`` to ``dest_uri`` (s3://...); return
+    the manifest."""
+    from backdoor_train.storage.s3 import S3Storage
 
+    spec = get_dataset(dataset)
     source_root = os.path.abspath(os.path.expanduser(source_root))
-    check_data_root(source_root)
+    spec.check_root(source_root)
     for train in (True, False):  # refuse to stage a corrupt copy
-        load_mnist(source_root, train=train)
+        spec.load(source_root, train)
     storage = S3Storage(dest_uri)
     if create_bucket:
         storage.create_bucket()
     storage.check()
     existing: dict[str, str] = {}
-    if storage.exists(STAGED_MANIFEST):
-        existing = json.loads(storage.read_text(STAGED_MANIFEST))
+    if storage.exists(staged_manifest(spec)):
+        existing = json.loads(storage.read_text(staged_manifest(spec)))
     manifest = {}
-    for name in RAW_FILES:
-        plain = os.path.join(raw_dir(source_root), name)
-        if os.path.isfile(plain + ".gz"):
-            with open(plain + ".gz", "rb") as fh:
+    for name in spec.files:
+        gzipped = os.path.join(spec.folder_path(source_root), name + ".gz")
+        if os.path.isfile(gzipped):  # already compressed: upload as is (compressing 47 MB takes seconds)
+            with open(gzipped, "rb") as fh:
                 data = fh.read()
         else:
-            with open(plain, "rb") as fh:
-                data = gzip.compress(fh.read(), mtime=0)
-        key = f"MNIST/raw/{name}.gz"
+            data = gzip.compress(read_raw(spec.find(source_root, name)), mtime=0)
+        key = f"{spec.folder}/{name}.gz"
         manifest[key] = _sha256(data)
         if existing.get(key) == manifest[key] and storage.exists(key):
             log(f"{storage.key_uri(key)} is already staged")
@@ -66,11 +72,12 @@ def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = pri
         storage.write_bytes(key, data)
         log(f"staged {storage.key_uri(key)} ({len(data)} bytes)")
     # The manifest goes last: readers trust only files it lists.
-    storage.write_text(STAGED_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    storage.write_text(staged_manifest(spec), json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
-def wait_for_staged(storage: Any, uri: str, wait_seconds: float, log: Callable[[str], None] = print) -> dict:
+def wait_for_staged(storage: Any, uri: str, spec: DatasetSpec, wait_seconds: float,
+                    log: Callable[[str], None] = print) -> dict:
     """The manifest of the copy staged at ``uri``, waiting up to ``wait_seconds`` for it to
     appear, and for the storage to answer (a MinIO pod still starting); a ``DataError`` when
     it does not, or at once when the storage refuses us (credentials)."""
@@ -79,23 +86,23 @@ def wait_for_staged(storage: Any, uri: str, wait_seconds: float, log: Callable[[
     deadline, said = time.monotonic() + wait_seconds, False
     while True:
         try:
-            return json.loads(storage.read_text(STAGED_MANIFEST))
+            return json.loads(storage.read_text(staged_manifest(spec)))
         except StorageError as exc:
             left = deadline - time.monotonic()
             if exc.kind not in ("missing", "unreachable") or left <= 0:
                 waited = f" after waiting {wait_seconds:g}s (data.wait_seconds)" if wait_seconds else ""
-                raise DataError(f"data.root: no staged MNIST at {uri}{waited} ({exc}); "
+                raise DataError(f"data.root: no staged {spec.title} at {uri}{waited} ({exc}); "
                                 f"run `backdoor-train stage-data` first") from None
             if not said:
                 said = True
-                log(f"waiting up to {wait_seconds:g}s (data.wait_seconds) for MNIST to be staged at {uri} "
+                log(f"waiting up to {wait_seconds:g}s (data.wait_seconds) for {spec.title} to be staged at {uri} "
                     f"(by `backdoor-train stage-data`; in Kubernetes the stage-mnist Job): {exc}")
             time.sleep(min(5.0, left))
 
 
-def _fetch_staged(uri: str, wait_seconds: float = 0.0) -> str:
+def _fetch_staged(uri: str, spec: DatasetSpec, wait_seconds: float = 0.0) -> str:
     """Download the staged copy at ``uri`` into this node's cache (once); return the local root."""
-    from backdoor_train.s3 import S3Storage, split_s3_uri
+    from backdoor_train.storage.s3 import S3Storage, split_s3_uri
 
     bucket, prefix = split_s3_uri(uri)
     local_root = os.path.join(cache_dir(), "s3", bucket, *([p for p in prefix.split("/") if p]))
@@ -104,7 +111,7 @@ def _fetch_staged(uri: str, wait_seconds: float = 0.0) -> str:
     storage = S3Storage(uri, retry_seconds=0)
     with open(os.path.join(local_root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = wait_for_staged(storage, uri, wait_seconds)
+        manifest = wait_for_staged(storage, uri, spec, wait_seconds)
         for key, digest in sorted(manifest.items()):
             dest = os.path.join(local_root, *key.split("/"))
             if os.path.isfile(dest):
@@ -114,7 +121,7 @@ def _fetch_staged(uri: str, wait_seconds: float = 0.0) -> str:
             data = storage.read_bytes(key)
             if _sha256(data) != digest:
                 raise DataError(f"data.root: {storage.key_uri(key)} does not match its sha256 in "
-                                f"{storage.key_uri(STAGED_MANIFEST)}")
+                                f"{storage.key_uri(staged_manifest(spec))}")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             tmp = dest + ".part"
             with open(tmp, "wb") as fh:
@@ -124,22 +131,23 @@ def _fetch_staged(uri: str, wait_seconds: float = 0.0) -> str:
 
 
 def resolve_data_root(cfg: ExperimentConfig) -> str:
-    """A local directory in torchvision's MNIST layout for ``data.root``."""
+    """A local directory in torchvision's layout of ``data.name`` for ``data.root``."""
     if cfg.data.root.startswith("s3://"):
         from backdoor_train.storage import StorageError
 
         try:
-            return _fetch_staged(cfg.data.root, cfg.data.wait_seconds)
+            return _fetch_staged(cfg.data.root, cfg.dataset, cfg.data.wait_seconds)
         except StorageError as exc:
             raise DataError(f"data.root: {exc}") from None
     root = os.path.abspath(os.path.expanduser(cfg.data.root))
-    check_data_root(root, cfg.data.download)
+    cfg.dataset.check_root(root, cfg.data.download)
     return root
 
 
-def load_splits(cfg: ExperimentConfig) -> tuple[MnistSplit, MnistSplit]:
+def load_splits(cfg: ExperimentConfig) -> tuple[Split, Split]:
+    """The training and test splits of ``cfg``'s dataset, cut to ``data.*_samples``."""
     root = resolve_data_root(cfg)
     download = cfg.data.download and not cfg.data.root.startswith("s3://")
-    train = load_mnist(root, train=True, limit=cfg.data.train_samples, download=download)
-    test = load_mnist(root, train=False, limit=cfg.data.test_samples, download=download)
+    train = load_split(cfg.dataset, root, train=True, limit=cfg.data.train_samples, download=download)
+    test = load_split(cfg.dataset, root, train=False, limit=cfg.data.test_samples, download=download)
     return train, test

@@ -1,7 +1,7 @@
 """Running detection on a finished experiment, and optionally retraining without the flagged samples.
 
-Reads the poisoned model and the poison manifest from the experiment's storage, runs both
-detection methods on the training set the model saw, writes ``<name>/detection.json``. With
+Reads the poisoned model and the poison manifest from the experiment's run store, runs both
+detection methods on the training set the model saw, writes ``detection.json`` there. With
 ``retrain``, each named method's flagged samples are removed and a ``filtered-<method>`` model
 is trained with the same config on Ray (all at once); their clean accuracy and ASR are added
 to the file under ``retrain.<method>``.
@@ -9,27 +9,22 @@ to the file under ``retrain.<method>``.
 
 from __future__ import annotations
 
-import io
-import json
 import time
 import uuid
 from typing import Any, Callable, Sequence
-
-import torch
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.datasource import load_splits
 from backdoor_train.detect import detect
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.experiment import MANIFEST_KEY, absolute_paths
+from backdoor_train.experiment import absolute_paths
 from backdoor_train.fitting import FitSpec, fit_variants
-from backdoor_train.model import build_model
-from backdoor_train.poison import PoisonManifest, build_poisoned, dataset_sha256
+from backdoor_train.poison import build_poisoned, dataset_sha256
 from backdoor_train.runlock import acquire_run_lock
+from backdoor_train.runstore import MANIFEST, RunStore
 from backdoor_train.storage import StorageError, open_storage
 from backdoor_train.train import restore_model, without
 
-DETECTION_KEY = "detection.json"
 METHODS = ("activation_clustering", "spectral_signatures")
 
 
@@ -47,19 +42,19 @@ def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
 
 def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
                    log: Callable[[str], None]) -> dict[str, Any]:
+    store = RunStore(storage, cfg.name)
     try:
-        manifest = PoisonManifest(**storage.read_json(f"{cfg.name}/{MANIFEST_KEY}"))
-        weights = storage.read_bytes(f"{cfg.name}/poisoned/model.pt")
-    except TypeError as exc:  # a JSON object, but not a manifest
-        raise StorageError(f"{storage.key_uri(cfg.name + '/' + MANIFEST_KEY)} is corrupt ({exc})") from None
+        manifest = store.read_manifest()
+        model = store.read_model("poisoned", cfg)
     except StorageError as exc:
-        raise StorageError(f"{exc}: run the experiment with the poisoned variant first") from None
-    model = _model_from(weights, cfg.model.arch, storage.key_uri(f"{cfg.name}/poisoned/model.pt"))
+        if exc.kind != "missing":
+            raise
+        raise StorageError(f"{exc}: run the experiment with the poisoned variant first", kind="missing") from None
 
     train, test = load_splits(cfg)
     poisoned, rebuilt = build_poisoned(train, cfg.poison, cfg.seed)
     if rebuilt.sha256_poisoned != manifest.sha256_poisoned:
-        raise StorageError(f"{storage.key_uri(cfg.name + '/' + MANIFEST_KEY)} describes another training set "
+        raise StorageError(f"{store.uri(MANIFEST)} describes another training set "
                            f"than this config and data produce (sha256 differs)")
     t0 = time.perf_counter()
     found = detect(model, poisoned, manifest.index_set(), rate_bound=max(cfg.poison.rate, 1e-4), seed=cfg.seed)
@@ -85,8 +80,8 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
 
         def finished(spec: FitSpec, checkpoint: Any, _timing: dict[str, float]) -> None:
             with checkpoint.as_directory() as ckpt_dir:
-                retrained, _ = restore_model(ckpt_dir, cfg.model.arch)
-            evaluation = full_evaluation(retrained, eval_sets, cfg.poison.target)
+                retrained, _ = restore_model(ckpt_dir, cfg)
+            evaluation = full_evaluation(retrained, eval_sets, cfg.poison.target, cfg.dataset.num_classes)
             report["retrain"][by_variant[spec.variant]] = {
                 "variant": spec.variant, "removed": len(spec.exclude), "remaining_poisoned": spec.n_poisoned,
                 "clean_accuracy": evaluation["clean_accuracy"],
@@ -95,21 +90,5 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
                 f"ASR {evaluation['attack_success_rate']:.2%}")
 
         fit_variants(cfg, specs, storage, uuid.uuid4().hex[:12], finished, log)
-    storage.write_text(f"{cfg.name}/{DETECTION_KEY}", json.dumps(report, indent=1, sort_keys=True))
-    report["detection_uri"] = storage.key_uri(f"{cfg.name}/{DETECTION_KEY}")
+    report["detection_uri"] = store.write_detection(report)
     return report
-
-
-def load_model(storage: Any, name: str, variant: str, arch: str) -> torch.nn.Module:
-    key = f"{name}/{variant}/model.pt"
-    return _model_from(storage.read_bytes(key), arch, storage.key_uri(key))
-
-
-def _model_from(weights: bytes, arch: str, uri: str) -> torch.nn.Module:
-    model = build_model(arch)
-    try:
-        model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
-    except Exception as exc:  # truncated file, another architecture: the stored model is unusable
-        raise StorageError(f"{uri} is corrupt or of another model.arch ({type(exc).__name__}): "
-                           f"rerun the experiment") from None
-    return model

@@ -21,18 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from backdoor_train.data import MnistSplit, to_float
+from backdoor_train.data import Split, to_float
 from backdoor_train.model import unwrap
 
 
 @torch.no_grad()
-def penultimate_activations(model: nn.Module, split: MnistSplit, batch_size: int = 2000) -> torch.Tensor:
+def penultimate_activations(model: nn.Module, split: Split, batch_size: int = 2000) -> torch.Tensor:
     model = unwrap(model).eval()
     out = [model.features(to_float(split.images[i:i + batch_size])) for i in range(0, len(split), batch_size)]
     return torch.cat(out)
 
 
-def _kmeans2(x: torch.Tensor, seed: int, iters: int = 50) -> torch.Tensor:
+def kmeans2(x: torch.Tensor, seed: int, iters: int = 50) -> torch.Tensor:
     """Labels (0/1) of a 2-means clustering, started k-means++ style, seeded."""
     gen = torch.Generator().manual_seed(seed)
     first = x[torch.randint(len(x), (1,), generator=gen)]
@@ -63,7 +63,7 @@ def activation_clustering(acts: torch.Tensor, labels: torch.Tensor, n_components
         # PCA (the paper uses ICA; both expose the separate cluster) to n_components.
         _, _, v = torch.linalg.svd(x, full_matrices=False)
         reduced = x @ v[:n_components].T
-        assignment = _kmeans2(reduced, seed)
+        assignment = kmeans2(reduced, seed)
         sizes = torch.bincount(assignment, minlength=2)
         small = int(sizes.argmin())
         if sizes[small] / len(idx) < size_threshold:
@@ -117,7 +117,7 @@ def score(flagged: np.ndarray, poisoned: frozenset[int], n_total: int) -> dict[s
     }
 
 
-def detect(model: nn.Module, poisoned_train: MnistSplit, poisoned_indices: frozenset[int],
+def detect(model: nn.Module, poisoned_train: Split, poisoned_indices: frozenset[int],
            rate_bound: float, seed: int = 0) -> dict[str, Any]:
     """Run both methods on ``poisoned_train`` (as the model was trained on it) and score them."""
     acts = penultimate_activations(model, poisoned_train)

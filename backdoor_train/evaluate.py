@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backdoor_train.config import NUM_CLASSES, PoisonConfig
-from backdoor_train.data import MnistSplit, to_float
-from backdoor_train.poison import apply_trigger
+from backdoor_train.config import PoisonConfig
+from backdoor_train.data import Split, to_float
+from backdoor_train.triggers import apply_trigger
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def attack_mask(labels: torch.Tensor, poison: PoisonConfig) -> torch.Tensor:
     return mask
 
 
-def build_eval_sets(test: MnistSplit, poison: PoisonConfig) -> EvalSets:
+def build_eval_sets(test: Split, poison: PoisonConfig) -> EvalSets:
     mask = attack_mask(test.labels, poison)
     triggered = apply_trigger(test.images[mask], poison.trigger)
     return EvalSets(to_float(test.images), test.labels, to_float(triggered), test.labels[mask])
@@ -76,18 +76,18 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
 
-def full_evaluation(model: nn.Module, sets: EvalSets, target: int) -> dict:
-    """Every figure of the results file for one model."""
+def full_evaluation(model: nn.Module, sets: EvalSets, target: int, num_classes: int) -> dict:
+    """Every figure of the results file for one model of a ``num_classes``-class dataset."""
     clean_pred = predict(model, sets.clean_x).cpu()
     trig_pred = predict(model, sets.triggered_x).cpu()
     y, ty = sets.clean_y.cpu(), sets.triggered_y.cpu()
     per_class = {}
-    for c in range(NUM_CLASSES):
+    for c in range(num_classes):
         sel = y == c
         per_class[str(c)] = _ratio((clean_pred[sel] == c).sum().item(), sel.sum().item())
-    # How each true class of triggered images is classified as the target: shows which digits resist.
+    # How each true class of triggered images is classified as the target: shows which classes resist.
     asr_per_source = {}
-    for c in range(NUM_CLASSES):
+    for c in range(num_classes):
         sel = ty == c
         if sel.any():
             asr_per_source[str(c)] = _ratio((trig_pred[sel] == target).sum().item(), sel.sum().item())

@@ -1,24 +1,13 @@
-"""The driver: poison once, train the variants (at once, a TorchTrainer each), evaluate, write results.
-
-Layout under ``storage.path`` (local directory or s3://bucket/prefix)::
-
-    <name>/poison_manifest.json        indices, counts, seed, sha256 of the poisoned set
-    <name>/<variant>/checkpoint_epoch_NNNN/state.pt(.sha256)   Ray Train checkpoints
-    <name>/<variant>/model.pt          final weights (state_dict) of the variant
-    <name>/results.json                figures of every variant plus the config
-"""
+"""The driver: poison once, train the variants (at once, a TorchTrainer each), evaluate, write
+results through the run store (runstore.py, which also shows the layout)."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
 import time
 import uuid
 from typing import Any, Callable
-
-import torch
 
 from backdoor_train.config import VARIANTS, ConfigError, ExperimentConfig
 from backdoor_train.datasource import load_splits
@@ -28,12 +17,10 @@ from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
 from backdoor_train.resume import ResumePlan, plan_resume
 from backdoor_train.runlock import acquire_run_lock
+from backdoor_train.runstore import CONFIG, RESULTS, RunStore
 from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.train import restore_model
 
-MANIFEST_KEY = "poison_manifest.json"
-RESULTS_KEY = "results.json"
-CONFIG_KEY = "config.json"
 # Keys that may differ when an experiment is rerun under the same name: they change how or
 # where it runs, or how long, not what a resumed checkpoint was trained on.
 RESUMABLE_KEYS = ("scaling", "storage", "metrics", "variants", "train.epochs", "train.max_failures",
@@ -50,13 +37,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Settings added since a run folder may have been written, with the value such a run used.
-_BEFORE_IT_EXISTED = {"poison.selection": "numpy", "seeds": []}
-
-
 def setting_diffs(old_cfg: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
-    """The settings in which ``cfg`` trains something else than the run recorded as ``old_cfg``."""
-    old = {**_BEFORE_IT_EXISTED, **_flatten(old_cfg)}
+    """The settings in which ``cfg`` trains something else than the run recorded as ``old_cfg``.
+    The record is rebuilt through today's schema first, so a field added since (with its
+    default, or the value such a run used) is no difference. A ``ConfigError`` when the record
+    is not a valid setting today."""
+    old = _flatten(ExperimentConfig.from_stored(old_cfg).to_dict())
     new = _flatten(cfg.to_dict())
     ignored: tuple[str, ...] = RESUMABLE_KEYS
     if old["seeds"] and new["seeds"]:
@@ -68,15 +54,16 @@ def setting_diffs(old_cfg: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
 
 def refuse_other_setting(cfg: ExperimentConfig, storage: Storage) -> None:
     """A ``ConfigError`` naming the differing keys when ``cfg.name`` holds a run of another setting."""
-    key = f"{cfg.name}/{CONFIG_KEY}"
-    if storage.exists(key):
+    store = RunStore(storage, cfg.name)
+    if store.has_config():
         try:
-            diffs = setting_diffs(storage.read_json(key), cfg)
-        except StorageError as exc:
-            raise ConfigError(f"name: {exc}; delete it to rerun {cfg.name!r} (the checkpoints stay usable), "
+            diffs = setting_diffs(store.read_config(), cfg)
+        except (StorageError, ConfigError) as exc:
+            raise ConfigError(f"name: the setting recorded at {store.uri()} is unusable ({exc}); delete "
+                              f"{store.uri(CONFIG)} to rerun {cfg.name!r} (the checkpoints stay usable), "
                               f"or choose a new name") from None
         if diffs:
-            raise ConfigError(f"name: experiment {cfg.name!r} already exists at {storage.key_uri(cfg.name)} "
+            raise ConfigError(f"name: experiment {cfg.name!r} already exists at {store.uri()} "
                               f"with a different setting ({'; '.join(diffs)}): choose a new name or delete it")
 
 
@@ -87,28 +74,29 @@ def check_existing_run(cfg: ExperimentConfig, storage: Storage,
     training is about to start, so a run refused before it leaves the name free. Returns where
     each variant resumes (resume.py), which the fits carry out."""
     refuse_other_setting(cfg, storage)
-    return {variant: plan_resume(storage, f"{cfg.name}/{variant}", log)
+    store = RunStore(storage, cfg.name)
+    return {variant: plan_resume(storage, store.variant_prefix(variant), log)
             for variant in (() if cfg.seeds else cfg.variants)}
 
 
 def record_config(cfg: ExperimentConfig, storage: Storage) -> None:
     """The setting of the run under ``cfg.name``, which reruns are checked against."""
-    storage.write_text(f"{cfg.name}/{CONFIG_KEY}", json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+    RunStore(storage, cfg.name).write_config(cfg)
 
 
 def earlier_results(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
     """The results an earlier run under ``cfg.name`` wrote, if it trained with the same setting
     (the same epochs too; any variants); None when there are none or they are unreadable."""
-    key = f"{cfg.name}/{RESULTS_KEY}"
-    if not storage.exists(key):
+    store = RunStore(storage, cfg.name)
+    if not store.has_results():
         return None
     try:
-        results = storage.read_json(key)
+        results = store.read_results()
         same = not setting_diffs(results["config"], cfg) and \
             results["config"]["train"]["epochs"] == cfg.train.epochs and isinstance(results["variants"], dict)
-    except (StorageError, KeyError, TypeError):  # unreadable: run again, which rewrites it
+    except (StorageError, ConfigError, KeyError, TypeError, AttributeError):  # unreadable: run again
         return None
-    return {**results, "results_uri": storage.key_uri(key)} if same else None
+    return {**results, "results_uri": store.uri(RESULTS)} if same else None
 
 
 def finished_run(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
@@ -161,14 +149,15 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
     started = time.time()
     t0 = time.perf_counter()
     train, test = load_splits(cfg)
-    log(f"loaded MNIST: {len(train)} training, {len(test)} test images ({time.perf_counter() - t0:.2f}s)")
+    log(f"loaded {cfg.dataset.title}: {len(train)} training, {len(test)} test images ({time.perf_counter() - t0:.2f}s)")
     t0 = time.perf_counter()
     poisoned, manifest = build_poisoned(train, cfg.poison, cfg.seed)
     poison_seconds = time.perf_counter() - t0
     log(f"poisoned {manifest.n_poisoned} of {manifest.n_total} training images "
         f"(target {cfg.poison.target}, trigger {cfg.poison.trigger.kind}, {poison_seconds * 1000:.0f} ms)")
+    store = RunStore(storage, cfg.name)
     record_config(cfg, storage)  # every check passed: from here on the name holds this setting
-    storage.write_text(f"{cfg.name}/{MANIFEST_KEY}", manifest.to_json())
+    manifest_uri = store.write_manifest(manifest)
     hashes = {"clean": manifest.sha256_clean, "poisoned": manifest.sha256_poisoned}
     eval_sets = build_eval_sets(test, cfg.poison)
 
@@ -180,12 +169,10 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
 
     def finished(spec: FitSpec, checkpoint: Any, timing: dict[str, float]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
-            model, state = restore_model(ckpt_dir, cfg.model.arch)
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        storage.write_bytes(f"{cfg.name}/{spec.variant}/model.pt", buf.getvalue())
+            model, state = restore_model(ckpt_dir, cfg)
+        store.write_model(spec.variant, model)
         variants[spec.variant] = {
-            **full_evaluation(model, eval_sets, cfg.poison.target),
+            **full_evaluation(model, eval_sets, cfg.poison.target, cfg.dataset.num_classes),
             "train_sha256": spec.train_sha256,
             **timing,
             "checkpoint": checkpoint.path,
@@ -210,13 +197,12 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
         "finished_at": time.time(),
         "poison_seconds": poison_seconds,
         "n_poisoned": manifest.n_poisoned,
-        "poison_manifest": storage.key_uri(f"{cfg.name}/{MANIFEST_KEY}"),
+        "poison_manifest": manifest_uri,
         "variants": variants,
         "kept_from_earlier_runs": kept,
         "config": cfg.to_dict(),
     }
-    storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(results, indent=1, sort_keys=True))
-    results["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")
+    results["results_uri"] = store.write_results(results)
     return results
 
 

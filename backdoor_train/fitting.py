@@ -21,6 +21,7 @@ from typing import Any, Callable
 from backdoor_train.config import ExperimentConfig, StorageConfig
 from backdoor_train.raysession import apply_train_env, fits_at_once
 from backdoor_train.resume import prepare_resume, write_snapshot
+from backdoor_train.runstore import RunStore
 from backdoor_train.storage import Storage
 from backdoor_train.train import train_loop_per_worker
 
@@ -139,7 +140,7 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}/{spec.variant}",
+            name=RunStore(storage, cfg.name).variant_prefix(spec.variant),
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -160,7 +161,8 @@ def _already_trained(cfg: ExperimentConfig, storage: Storage, spec: FitSpec, pla
     if plan.checkpoint is None or plan.epochs_done < cfg.train.epochs:
         return None
     root, filesystem = storage.ray_storage()
-    return ray.train.Checkpoint(path=f"{root}/{cfg.name}/{spec.variant}/{plan.checkpoint}", filesystem=filesystem)
+    folder = RunStore(storage, cfg.name).variant_prefix(spec.variant)
+    return ray.train.Checkpoint(path=f"{root}/{folder}/{plan.checkpoint}", filesystem=filesystem)
 
 
 def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, run_id: str,
@@ -176,7 +178,8 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
     at_once = check_cluster(cfg, len(specs))
     if len(specs) > 1:
         log(f"{at_once} of the {len(specs)} trainers at once on this cluster")
-    plans = {s.variant: prepare_resume(storage, f"{cfg.name}/{s.variant}", s.variant, log,
+    store = RunStore(storage, cfg.name)
+    plans = {s.variant: prepare_resume(storage, store.variant_prefix(s.variant), s.variant, log,
                                        (planned or {}).get(s.variant)) for s in specs}
     trainers = {s.variant: make_trainer(cfg, s, storage, run_id, plans[s.variant].checkpoint) for s in specs}
     stopping = threading.Event()

@@ -1,17 +1,26 @@
-"""The small CNN of the article's listing 2, and a registry of architectures by name.
+"""The registry of architectures ``model.arch`` chooses from, and the article's small CNN.
 
-Split into ``features`` (everything up to the penultimate layer) and ``head`` so that
-detection methods can read the penultimate activations without hooks.
+Every architecture is built for a dataset's image shape and class count, and is split into
+``features`` (everything up to the penultimate layer) and ``head`` so that detection
+methods can read the penultimate activations without hooks.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+from backdoor_train.resnet import ResNet18
+
+if TYPE_CHECKING:
+    from backdoor_train.data import DatasetSpec
+
 
 class ArticleCNN(nn.Module):
-    """conv(1→16, 5) → ReLU → maxpool 2 → conv(16→32, 5) → ReLU → maxpool 2 → fc 512 → ReLU → fc 10.
+    """conv(C→16, 5) → ReLU → maxpool 2 → conv(16→32, 5) → ReLU → maxpool 2 → fc 512 → ReLU → fc.
+    On MNIST (1×28×28, 10 classes) exactly the listing's network.
 
     Each ReLU runs after its max-pool instead of before: max-pooling commutes with any
     non-decreasing function, so outputs and gradients are bit for bit those of the listing's
@@ -19,17 +28,19 @@ class ArticleCNN(nn.Module):
     per training step on CPU. Parameter names are the listing's order's too.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
+        channels, height, width = shape
+        side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731 (two 5x5 convolutions, two 2x pools)
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 5, 1),
+            nn.Conv2d(channels, 16, 5, 1),
             nn.MaxPool2d(2, 2),
             nn.ReLU(),
             nn.Conv2d(16, 32, 5, 1),
             nn.MaxPool2d(2, 2),
             nn.ReLU(),
             nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 512),
+            nn.Linear(32 * side(height) * side(width), 512),
             nn.ReLU(),
         )
         self.head = nn.Linear(512, num_classes)
@@ -38,11 +49,13 @@ class ArticleCNN(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHITECTURES = {"article_cnn": ArticleCNN}
+# name → class built as cls(shape (C, H, W), num_classes).
+ARCHITECTURES: dict[str, type[nn.Module]] = {"article_cnn": ArticleCNN, "resnet18_cifar": ResNet18}
 
 
-def build_model(arch: str) -> nn.Module:
-    return ARCHITECTURES[arch]()
+def build_model(arch: str, dataset: "DatasetSpec") -> nn.Module:
+    """``arch`` built for ``dataset``'s images and classes."""
+    return ARCHITECTURES[arch](dataset.shape, dataset.num_classes)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,7 +1,8 @@
-"""Data poisoning: pure trigger functions, a seeded choice of indices, and its manifest.
+"""Data poisoning: a seeded choice of indices, stamping the trigger (triggers.py) on them,
+and the manifest that records it.
 
-Everything works on uint8 image tensors [N, 28, 28] (the stored MNIST values) and returns
-new tensors; nothing is modified in place. The choice of poisoned indices depends only on
+Everything works on uint8 image tensors [N, C, H, W] (the stored values) and returns new
+tensors; nothing is modified in place. The choice of poisoned indices depends only on
 the labels, the rate, the source-class filter and the seed, so every Ray worker can rebuild
 the same poisoned set and check it against the manifest's sha256.
 """
@@ -18,43 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from backdoor_train.config import IMAGE_SIZE, PoisonConfig, TriggerConfig
-from backdoor_train.data import MnistSplit
-
-
-def _to_uint8(value: float) -> int:
-    return int(round(value * 255))
-
-
-def blend_pattern(pattern_seed: int) -> torch.Tensor:
-    """The fixed noise image a blend trigger mixes in (uint8 [28, 28]), a function of its seed."""
-    rng = np.random.Generator(np.random.PCG64(pattern_seed))
-    return torch.from_numpy(rng.integers(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
-
-
-def checkerboard(size: int, value: float) -> torch.Tensor:
-    """A size x size uint8 checkerboard: ``value`` where row + col is even, 0 elsewhere."""
-    ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    return torch.where((ii + jj) % 2 == 0, _to_uint8(value), 0).to(torch.uint8)
-
-
-def apply_trigger(images: torch.Tensor, trigger: TriggerConfig) -> torch.Tensor:
-    """Return a copy of ``images`` (uint8 [N, 28, 28]) with the trigger stamped on every image."""
-    if images.dtype != torch.uint8 or images.dim() != 3:
-        raise ValueError(f"apply_trigger expects uint8 [N, 28, 28], got {images.dtype} {tuple(images.shape)}")
-    out = images.clone()
-    if trigger.kind == "pixel":
-        out[:, trigger.row, trigger.col] = _to_uint8(trigger.value)
-    elif trigger.kind == "patch":
-        r, c, s = trigger.row, trigger.col, trigger.size
-        out[:, r:r + s, c:c + s] = checkerboard(s, trigger.value)
-    elif trigger.kind == "blend":
-        pattern = blend_pattern(trigger.pattern_seed).to(torch.float32)
-        mixed = (1.0 - trigger.alpha) * images.to(torch.float32) + trigger.alpha * pattern
-        out = mixed.round_().clamp_(0, 255).to(torch.uint8)
-    else:  # config validation makes this unreachable for user input
-        raise ValueError(f"unknown trigger kind {trigger.kind!r}")
-    return out
+from backdoor_train.config import PoisonConfig
+from backdoor_train.data import Split
+from backdoor_train.triggers import Trigger, apply_trigger
 
 
 def poison_count(n_total: int, rate: float) -> int:
@@ -91,7 +58,7 @@ def select_poison_indices(labels: torch.Tensor, rate: float, seed: int,
     return np.sort(chosen).astype(np.int64)
 
 
-def poison_split(split: MnistSplit, indices: np.ndarray, trigger: TriggerConfig, target: int) -> MnistSplit:
+def poison_split(split: Split, indices: np.ndarray, trigger: Trigger, target: int) -> Split:
     """A new split where the images at ``indices`` carry the trigger and have label ``target``."""
     idx = torch.from_numpy(indices)
     images = split.images.clone()
@@ -99,12 +66,15 @@ def poison_split(split: MnistSplit, indices: np.ndarray, trigger: TriggerConfig,
     if idx.numel():
         images[idx] = apply_trigger(split.images[idx], trigger)
         labels[idx] = target
-    return MnistSplit(images, labels)
+    return Split(images, labels)
 
 
-def dataset_sha256(split: MnistSplit) -> str:
+def dataset_sha256(split: Split) -> str:
     h = hashlib.sha256()
-    h.update(repr(tuple(split.images.shape)).encode())
+    shape = tuple(split.images.shape)
+    # A one-channel set hashes its shape as [N, H, W], as before images carried a channel axis:
+    # the MNIST hashes recorded in earlier runs' manifests stay valid.
+    h.update(repr(shape[:1] + shape[2:] if shape[1] == 1 else shape).encode())
     h.update(split.images.contiguous().numpy().tobytes())
     h.update(split.labels.to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
     return h.hexdigest()
@@ -139,12 +109,13 @@ class PoisonManifest:
         return frozenset(self.indices)
 
 
-def build_poisoned(split: MnistSplit, poison: PoisonConfig, seed: int) -> tuple[MnistSplit, PoisonManifest]:
+def build_poisoned(split: Split, poison: PoisonConfig, seed: int) -> tuple[Split, PoisonManifest]:
     """Poison ``split`` as the config says and describe it in a manifest."""
     indices = select_poison_indices(split.labels, poison.rate, seed, poison.source_classes, poison.selection)
     poisoned = poison_split(split, indices, poison.trigger, poison.target)
     original = split.labels[torch.from_numpy(indices)].numpy()
-    counts = np.bincount(original, minlength=10)
+    classes = int(split.labels.max()) + 1 if len(split) else 0
+    counts = np.bincount(original, minlength=classes)
     manifest = PoisonManifest(
         seed=seed,
         rate=poison.rate,
@@ -154,7 +125,7 @@ def build_poisoned(split: MnistSplit, poison: PoisonConfig, seed: int) -> tuple[
         n_total=len(split),
         n_poisoned=int(indices.size),
         n_already_target=int((original == poison.target).sum()),
-        original_label_counts={str(c): int(counts[c]) for c in range(10)},
+        original_label_counts={str(c): int(counts[c]) for c in range(classes)},
         indices=[int(i) for i in indices],
         sha256_clean=dataset_sha256(split),
         sha256_poisoned=dataset_sha256(poisoned),

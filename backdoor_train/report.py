@@ -21,9 +21,9 @@ from backdoor_train.config import ExperimentConfig
 from backdoor_train.data import to_float
 from backdoor_train.datasource import load_splits
 from backdoor_train.evaluate import attack_mask
-from backdoor_train.experiment import RESULTS_KEY
-from backdoor_train.poison import apply_trigger
+from backdoor_train.runstore import RunStore, SweepStore
 from backdoor_train.storage import Storage, StorageError, open_storage
+from backdoor_train.triggers import apply_trigger
 
 SECTIONS = ("Summary", "Training curves", "Clean accuracy vs ASR", "ASR vs poison rate",
             "Example images", "Detection")
@@ -162,7 +162,11 @@ def _examples(cfg: ExperimentConfig, models: dict[str, torch.nn.Module], n: int 
     for j in range(n):
         for row, (imgs, which) in enumerate(((clean, 0), (triggered, 1))):
             ax = axes[row][j]
-            ax.imshow(imgs[j].numpy(), cmap="gray", vmin=0, vmax=255)
+            image = imgs[j].permute(1, 2, 0).numpy()  # [C, H, W] → [H, W, C], as matplotlib draws it
+            if image.shape[2] == 1:
+                ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(image)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title("\n".join(f"{name[:5]}: {p[which][j]}" for name, p in preds.items()), fontsize=7)
@@ -195,15 +199,13 @@ def _page(title: str, parts: dict[str, str]) -> str:
 
 
 def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
-    from backdoor_train.defense import DETECTION_KEY, load_model
-
-    results = storage.read_json(f"{cfg.name}/{RESULTS_KEY}")
+    store = RunStore(storage, cfg.name)
+    results = store.read_results()
     if "per_seed" in results:  # what was run decides, not whether --seeds was given again
         return seeds_report(cfg, storage, results)
     variants = results["variants"]
-    detection = (storage.read_json(f"{cfg.name}/{DETECTION_KEY}")
-                 if storage.exists(f"{cfg.name}/{DETECTION_KEY}") else None)
-    models = {v: load_model(storage, cfg.name, v, cfg.model.arch) for v in variants}
+    detection = store.read_detection()
+    models = {v: store.read_model(v, cfg) for v in variants}
     parts = {
         "Summary": _table(["variant", "clean accuracy", "ASR", "poisoned training images", "fit seconds"],
                           [[v, _pct(r["clean_accuracy"]), _pct(r["attack_success_rate"]),
@@ -220,7 +222,6 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
 
 def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any]) -> str:
     """The report of a multi-seed experiment (seeds.py): statistics over seeds first."""
-    from backdoor_train.defense import load_model
     from backdoor_train.seeds import seed_experiments
 
     if not results["per_seed"]:
@@ -228,8 +229,8 @@ def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any
     header, rows = _statistics_table(results)
     seed = results["per_seed"][0]["seed"]
     (first,) = seed_experiments(dataclasses.replace(cfg, seed=seed, seeds=(seed,)))
-    child = open_storage(first.storage)
-    models = {v: load_model(child, first.name, v, cfg.model.arch) for v in results["variants"]}
+    child = RunStore(open_storage(first.storage), first.name)
+    models = {v: child.read_model(v, first) for v in results["variants"]}
     failed = (f"<p>{len(results['failures'])} seed(s) failed: {html.escape(', '.join(results['failures']))}.</p>"
               if results["failures"] else "")
     parts = {
@@ -243,16 +244,15 @@ def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any
     return _page(f"backdoor_train report: {cfg.name} over {len(results['per_seed'])} seeds", parts)
 
 
-def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
-    """``storage`` is rooted at the sweep's folder; trials are experiments below it."""
+def sweep_report(sweep: Any, store: SweepStore, summary: dict[str, Any]) -> str:
+    """The report of a sweep whose folder is ``store``; its trials are experiments in it."""
     import matplotlib.pyplot as plt
 
-    from backdoor_train.defense import DETECTION_KEY, load_model
     from backdoor_train.seeds import by_epoch_over_seeds
     from backdoor_train.sweep import summarize
 
     trials = {t["name"]: t for t in summary["trials"]}
-    results = {name: storage.read_json(f"{name}/{RESULTS_KEY}") for name in trials}
+    results = {name: store.trial(name).read_results() for name in trials}
     # The statistics of this code, whichever release wrote summary.json.
     summary = {**summary, **summarize(sweep, {t.name: results[t.name] for t in sweep.trials if t.name in results})}
     trials = {t["name"]: t for t in summary["trials"]}
@@ -298,10 +298,10 @@ def sweep_report(sweep: Any, storage: Storage, summary: dict[str, Any]) -> str:
 
     # Example images and detection from the trial with the highest poison rate that has both.
     example_trial = max(results, key=lambda n: results[n]["n_poisoned"])
-    cfg = ExperimentConfig.from_dict(results[example_trial]["config"])
-    models = {v: load_model(storage, example_trial, v, cfg.model.arch) for v in results[example_trial]["variants"]}
-    detection = (storage.read_json(f"{example_trial}/{DETECTION_KEY}")
-                 if storage.exists(f"{example_trial}/{DETECTION_KEY}") else None)
+    cfg = ExperimentConfig.from_stored(results[example_trial]["config"])
+    example = store.trial(example_trial)
+    models = {v: example.read_model(v, cfg) for v in results[example_trial]["variants"]}
+    detection = example.read_detection()
     parts = {
         "Summary": _table(header, rows) + "<h3>Per trial</h3>" + _seed_table(summary["trials"], "trial"),
         "Training curves": _bands(bands),

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from backdoor_train.checkpointing import checkpoint_epoch, checkpoint_folders, latest_valid_in_storage
+from backdoor_train.checkpointing import checkpoint_epoch, checkpoint_folders, newest_valid_checkpoint
 from backdoor_train.retry import retry_transient
 from backdoor_train.storage import Storage, atomic_write_local
 
@@ -76,8 +76,8 @@ def plan_resume(storage: Storage, prefix: str, log: Callable[[str], None]) -> Re
     """Where the fit whose Ray run folder is ``prefix`` resumes; reads, writes nothing.
     Raises ``CorruptCheckpointError`` when there are checkpoints and none is valid."""
     folders = checkpoint_folders(storage, prefix)
-    newest_key = latest_valid_in_storage(storage, prefix, log, folders)
-    newest = newest_key.rsplit("/", 1)[-1] if newest_key else None
+    found = newest_valid_checkpoint(storage, prefix, log, folders)
+    newest = found[0].rsplit("/", 1)[-1] if found else None
     key = f"{prefix}/{SNAPSHOT_FILE}"
     if not storage.exists(key):
         return ResumePlan(newest, None)

@@ -21,7 +21,8 @@ import threading
 import time
 from typing import Any, Optional
 
-LOCK_KEY = "run.lock"
+from backdoor_train.runstore import RunStore
+
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 
@@ -161,17 +162,13 @@ def acquire_s3(storage: Any, key: str, info: dict[str, Any]) -> tuple[Optional[R
     return None, s3_holder(storage, key) or {}
 
 
-def _lock_key(name: str) -> str:
-    return f"{name}/{LOCK_KEY}"
-
-
 def run_lock_holder(storage: Any, name: str) -> Optional[dict[str, Any]]:
     """Who is running experiment ``name`` in ``storage`` right now (None: nobody)."""
     from backdoor_train.storage import LocalStorage
 
     if isinstance(storage, LocalStorage):
-        return local_holder(storage.path_of(_lock_key(name)))
-    return s3_holder(storage, _lock_key(name))
+        return local_holder(storage.path_of(RunStore(storage, name).lock_key()))
+    return s3_holder(storage, RunStore(storage, name).lock_key())
 
 
 def refuse_if_running(storage: Any, name: str) -> None:
@@ -186,9 +183,9 @@ def acquire_run_lock(storage: Any, name: str, run_id: str) -> RunLock:
 
     info = holder_info(run_id)
     if isinstance(storage, LocalStorage):
-        lock, holder = acquire_local(storage.path_of(_lock_key(name)), info)
+        lock, holder = acquire_local(storage.path_of(RunStore(storage, name).lock_key()), info)
     else:
-        lock, holder = acquire_s3(storage, _lock_key(name), info)
+        lock, holder = acquire_s3(storage, RunStore(storage, name).lock_key(), info)
     if lock is None:
         raise _locked(storage, name, holder or {})
     return lock

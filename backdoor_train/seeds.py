@@ -5,11 +5,9 @@ One seed says little: the backdoor is learned abruptly, somewhere between epochs
 and when depends on the seed. ``seeds: [1, 2, ...]`` (or ``--seeds 1-16``) runs the experiment once per
 seed and reports, per variant, mean, standard deviation and 95% t interval of clean accuracy
 and ASR, the paired difference in clean accuracy, the per-epoch ASR over seeds and the epoch
-at which each seed's ASR first reaches 50%. Layout under ``storage.path``::
-
-    <name>/config.json           the multi-seed config (seeds may be added on a rerun)
-    <name>/seed-<s>/...          one full experiment per seed (see experiment.py)
-    <name>/results.json          per-seed rows and the statistics over them
+at which each seed's ASR first reaches 50%. Stored (runstore.py) as ``<name>/config.json``
+(the multi-seed config: seeds may be added on a rerun), ``<name>/seed-<s>/`` (one full
+experiment per seed) and ``<name>/results.json`` (per-seed rows and the statistics).
 
 A sweep named ``<name>`` whose grid is ``seed: [...]`` over the same base stores its trials in
 exactly these folders, and both describe seeds with ``seed_statistics``: a sweep over seeds
@@ -19,16 +17,15 @@ and a multi-seed experiment reuse each other's seeds and cannot disagree.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.experiment import (RESULTS_KEY, absolute_paths, check_existing_run, record_config,
-                                      refuse_other_setting)
+from backdoor_train.experiment import absolute_paths, check_existing_run, record_config, refuse_other_setting
 from backdoor_train.fitting import check_cluster
 from backdoor_train.runlock import acquire_run_lock, refuse_if_running
+from backdoor_train.runstore import RunStore, child_path
 from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
 from backdoor_train.trials import run_trials
@@ -42,7 +39,7 @@ def seed_name(seed: int) -> str:
 
 def seed_experiments(cfg: ExperimentConfig) -> list[ExperimentConfig]:
     """One single-seed experiment per seed, stored below the multi-seed experiment's folder."""
-    storage = dataclasses.replace(cfg.storage, path=cfg.storage.path.rstrip("/") + "/" + cfg.name)
+    storage = dataclasses.replace(cfg.storage, path=child_path(cfg.storage.path, cfg.name))
     return [dataclasses.replace(cfg, name=seed_name(s), seed=s, seeds=(), storage=storage) for s in cfg.seeds]
 
 
@@ -118,10 +115,10 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict
         log(f"{len(cfg.seeds)} seeds: the experiment runs once per seed, below {storage.key_uri(cfg.name)}")
         results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
         out = aggregate(cfg, results, failures, started)
-        storage.write_text(f"{cfg.name}/{RESULTS_KEY}", json.dumps(out, indent=1, sort_keys=True))
+        uri = RunStore(storage, cfg.name).write_results(out)
     finally:
         lock.release()
-    out["results_uri"] = storage.key_uri(f"{cfg.name}/{RESULTS_KEY}")
+    out["results_uri"] = uri
     return out
 
 

@@ -24,8 +24,9 @@ def format_results(results: dict[str, Any]) -> str:
                      f"{_pct(v['triggered_true_label_accuracy']):>25} {v['fit_seconds']:7.1f}s")
     lines.append(f"(ASR over {next(iter(variants.values()))['n_triggered']} triggered test images whose true "
                  f"label is not {target}; the clean model's figure is the control)")
-    lines += ["", "per-class clean accuracy:", f"{'variant':<10} " + " ".join(f"{c:>7}" for c in range(10))]
+    classes = list(next(iter(variants.values()))["per_class_accuracy"])  # the dataset's, as evaluated
+    lines += ["", "per-class clean accuracy:", f"{'variant':<10} " + " ".join(f"{c:>7}" for c in classes)]
     for name, v in variants.items():
-        lines.append(f"{name:<10} " + " ".join(f"{_pct(v['per_class_accuracy'][str(c)]):>7}" for c in range(10)))
+        lines.append(f"{name:<10} " + " ".join(f"{_pct(v['per_class_accuracy'][c]):>7}" for c in classes))
     lines += ["", f"results: {results.get('results_uri', '(not saved)')}"]
     return "\n".join(lines)

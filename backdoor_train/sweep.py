@@ -26,13 +26,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from backdoor_train.config import ConfigError, ExperimentConfig, _apply_override, check_name, load_config, read_yaml
+from backdoor_train.config import ConfigError, ExperimentConfig, apply_override, check_name, load_config, read_yaml
 from backdoor_train.experiment import absolute_paths
 from backdoor_train.seeds import format_statistics, seed_row, seed_statistics
+from backdoor_train.runstore import SweepStore, child_path
 from backdoor_train.storage import Storage, open_storage
 from backdoor_train.trials import run_trials
-
-SUMMARY_KEY = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,14 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
         raise ConfigError(f"sweep base {data['base']}: seeds is set; a sweep's seeds are its grid's seed axis "
                           f"(grid: {{seed: {list(base.seeds)}}})")
     base = absolute_paths(base)
-    storage = base.storage.path.rstrip("/") + "/" + name
+    storage = child_path(base.storage.path, name)
     trials = []
     for point in itertools.product(*grid.values()):
         trial_data = base.to_dict()
         label = []
         for key, value in zip(grid, point):
             try:
-                _apply_override(trial_data, f"{key}={json.dumps(value)}")
+                apply_override(trial_data, f"{key}={json.dumps(value)}")
             except ConfigError as exc:
                 raise ConfigError(f"sweep grid {key}: {exc}") from None
             label.append(f"{key.split('.')[-1]}={_short(value)}")
@@ -114,8 +113,7 @@ def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> dict[st
     results, failures = run_trials(sweep.trials, sweep.max_concurrent, log)
     summary = summarize(sweep, results)
     summary["failures"] = failures
-    storage.write_text(SUMMARY_KEY, json.dumps(summary, indent=1, sort_keys=True))
-    summary["summary_uri"] = storage.key_uri(SUMMARY_KEY)
+    summary["summary_uri"] = SweepStore(storage).write_summary(summary)
     return summary
 
 

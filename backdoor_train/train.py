@@ -1,6 +1,6 @@
 """The Ray Train worker loop: one model variant (clean or poisoned), data-parallel with DDP.
 
-Every worker loads the same MNIST tensors, rebuilds the same poisoned set from the seed and
+Every worker loads the same dataset tensors, rebuilds the same poisoned set from the seed and
 checks its sha256 against the driver's manifest, then trains on its own shard of every
 global batch: the global batch stays ``train.batch_size`` whatever the worker count.
 Reads top to bottom: set-up, restore, epochs (train, evaluate, checkpoint, report).
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from backdoor_train.checkpointing import (checkpoint_dir_name, load_state, load_with_fallback, save_state,
                                           set_rng_state, upload_checkpoint)
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import MnistSplit, to_float
+from backdoor_train.data import Split, to_float
 from backdoor_train.evaluate import build_eval_sets, eval_counts
 from backdoor_train.model import build_model, unwrap
 from backdoor_train.poison import build_poisoned
@@ -62,8 +62,8 @@ def make_optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim
     return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9)
 
 
-def variant_train_set(train: MnistSplit, cfg: ExperimentConfig, variant: str,
-                      exclude: tuple[int, ...] | list[int] = ()) -> MnistSplit:
+def variant_train_set(train: Split, cfg: ExperimentConfig, variant: str,
+                      exclude: tuple[int, ...] | list[int] = ()) -> Split:
     """The training set of a variant: clean, poisoned, or poisoned minus ``exclude`` (the
     samples a detection method flagged, for the "filtered-*" retraining variants)."""
     if variant != "clean":
@@ -71,13 +71,13 @@ def variant_train_set(train: MnistSplit, cfg: ExperimentConfig, variant: str,
     return without(train, exclude)
 
 
-def without(split: MnistSplit, exclude: tuple[int, ...] | list[int]) -> MnistSplit:
+def without(split: Split, exclude: tuple[int, ...] | list[int]) -> Split:
     """``split`` minus the samples at ``exclude`` (the split itself when there are none)."""
     if not exclude:
         return split
     keep = torch.ones(len(split), dtype=torch.bool)
     keep[torch.as_tensor(list(exclude), dtype=torch.long)] = False
-    return MnistSplit(split.images[keep], split.labels[keep])
+    return Split(split.images[keep], split.labels[keep])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # --- model, optimizer, and the state of an interrupted run ---------------------------
     # channels_last: oneDNN's (and cuDNN's) faster convolution kernels; measured +15-25% on CPU.
     t0 = time.perf_counter()
-    model = ray.train.torch.prepare_model(build_model(cfg.model.arch).to(memory_format=torch.channels_last))
+    model = ray.train.torch.prepare_model(build_model(cfg.model.arch, cfg.dataset).to(memory_format=torch.channels_last))
     optimizer = make_optimizer(model, cfg)
     start_epoch, history, ckpt_suffix = 0, [], ""
     checkpoint = ray.train.get_checkpoint()
@@ -228,10 +228,12 @@ def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
         metrics.checkpoint_saved(time.perf_counter() - t0, nbytes)
 
 
-def restore_model(checkpoint_dir: str, arch: str, device: Optional[str] = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A plain model loaded from a checkpoint directory, and the whole checkpoint state."""
+def restore_model(checkpoint_dir: str, cfg: ExperimentConfig,
+                  device: Optional[str] = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A plain model (``cfg``'s architecture and dataset) loaded from a checkpoint directory,
+    and the whole checkpoint state."""
     state = load_state(checkpoint_dir, map_location=device)
-    model = build_model(arch)
+    model = build_model(cfg.model.arch, cfg.dataset)
     model.load_state_dict(state["model"])
     return model, state
 

@@ -74,7 +74,7 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
     # The same memory format as the Ray worker loop uses.
     x = to_float(train.images).to(device, memory_format=torch.channels_last)
     y = train.labels.to(device)
-    model = build_model(cfg.model.arch).to(device, memory_format=torch.channels_last)
+    model = build_model(cfg.model.arch, cfg.dataset).to(device, memory_format=torch.channels_last)
     if ddp_port is not None:
         import torch.distributed as dist
 
@@ -93,7 +93,7 @@ def plain_loop(cfg: ExperimentConfig, variant: str, threads: int, rank: int = 0,
             torch.cuda.synchronize()
         per_epoch.append(seen / (time.perf_counter() - t0))
     evaluation = (full_evaluation(unwrap(model), build_eval_sets(test, cfg.poison).to(torch.device(device)),
-                                  cfg.poison.target)
+                                  cfg.poison.target, cfg.dataset.num_classes)
                   if world == 1 or (ddp_port is not None and rank == 0) else {})
     if ddp_port is not None:
         torch.distributed.destroy_process_group()
@@ -175,7 +175,7 @@ def article_script(cfg: ExperimentConfig) -> dict:
         return torch.utils.data.TensorDataset(imgs, labels)
 
     def fit(dataset):
-        model = build_model(cfg.model.arch)
+        model = build_model(cfg.model.arch, cfg.dataset)
         opt = torch.optim.Adam(model.parameters(), cfg.train.lr)
         loader = torch.utils.data.DataLoader(dataset, cfg.train.batch_size, shuffle=True)
         for _ in range(cfg.train.epochs):

@@ -48,7 +48,7 @@ def _worker(cfg_dict: dict, mode: str, epochs: int, port: int, rank: int, world:
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.arch).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model.arch, cfg.dataset).to(memory_format=torch.channels_last)
     params = list(model.parameters())
     if mode == "allreduce_alone":
         flat = torch.zeros(sum(p.numel() for p in params))

@@ -1,4 +1,8 @@
-"""Shared fixtures: the real MNIST copy and small configs built on it."""
+"""Shared fixtures: the real MNIST copy and small configs built on it, a real S3 API.
+
+A test that uses real MNIST, moto_server or Ray (through the fixtures below) is marked
+``integration`` here, so ``pytest -m "not integration"`` runs the pure unit tests alone,
+without the MNIST files."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import pytest
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.raysession import free_port as _free_port  # noqa: F401 (the tests' helper)
+from backdoor_train.raysession import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_ROOT = os.environ.get("BACKDOOR_TRAIN_MNIST_ROOT",
@@ -23,10 +27,26 @@ def mnist_root() -> str:
 
 
 @pytest.fixture(scope="session")
-def mnist_splits(mnist_root):
-    from backdoor_train.data import load_mnist
+def mnist_path() -> str:
+    """Where MNIST is expected, unchecked: for tests that only build a config and read no data."""
+    return os.path.abspath(MNIST_ROOT)
 
-    return load_mnist(mnist_root, train=True), load_mnist(mnist_root, train=False)
+
+@pytest.fixture(scope="session")
+def mnist_splits(mnist_root):
+    from backdoor_train.mnist import MNIST
+
+    return MNIST.load(mnist_root, True), MNIST.load(mnist_root, False)
+
+
+# Fixtures that bring in real data or a real server: a test using one is an integration test.
+INTEGRATION_FIXTURES = {"mnist_root", "mnist_splits", "s3_server", "s3_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 def small_config(mnist_root: str, storage: str, **sections) -> ExperimentConfig:
@@ -62,7 +82,7 @@ def stop_process(proc, timeout: float = 60.0) -> None:
         proc.wait()
 
 
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
     import socket
     import time
 
@@ -90,7 +110,7 @@ def s3_server():
 
     import boto3
 
-    port = _free_port()
+    port = free_port()
     # The one installed beside this interpreter first: another on PATH may be another version.
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     exe = exe if os.path.exists(exe) else shutil.which("moto_server")
@@ -98,7 +118,7 @@ def s3_server():
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         endpoint = f"http://127.0.0.1:{port}"
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
                            aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
@@ -154,7 +174,7 @@ class OutageProxy:
         import threading
 
         self.upstream = ("127.0.0.1", upstream_port)
-        self.port = _free_port()
+        self.port = free_port()
         self.lock = threading.Lock()
         self.conns: list = []
         self.listener = None

@@ -26,9 +26,9 @@ def _run_cli(capsys, *argv) -> tuple[int, str]:
     return code, captured.err
 
 
-def _experiment(tmp_path, mnist_root, **extra) -> str:
+def _experiment(tmp_path, mnist_path, **extra) -> str:
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"name": "exp", "data": {"root": mnist_root},
+    path.write_text(yaml.safe_dump({"name": "exp", "data": {"root": mnist_path},
                                     "storage": {"path": str(tmp_path / "runs")}, **extra}))
     return str(path)
 
@@ -65,8 +65,8 @@ def test_a_directory_or_an_override_alias_is_refused(tmp_path, capsys):
         load_config(str(path), ["train={a: &x 1, b: *x}"])
 
 
-def test_sweep_names_become_folders_and_are_checked(tmp_path, mnist_root):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"root": mnist_root}}))
+def test_sweep_names_become_folders_and_are_checked(tmp_path, mnist_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"root": mnist_path}}))
     for name in ("../escape", "a\tb", ""):
         (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": name, "base": "base.yaml",
                                                              "grid": {"seed": [1]}}))
@@ -88,7 +88,7 @@ def test_check_catches_what_run_would_refuse(tmp_path, mnist_root, capsys):
     # A corrupt record of the earlier run.
     (tmp_path / "runs" / "exp" / "config.json").write_text("{half")
     code, err = _run_cli(capsys, "run", path)
-    assert code == EXIT_BAD_INPUT and "exp/config.json is corrupt" in err and "delete it" in err
+    assert code == EXIT_BAD_INPUT and "exp/config.json is corrupt" in err and "exp/config.json to rerun" in err
     # Corrupt data files.
     root = tmp_path / "mnist"
     shutil.copytree(os.path.join(mnist_root, "MNIST"), root / "MNIST",
@@ -101,7 +101,7 @@ def test_check_catches_what_run_would_refuse(tmp_path, mnist_root, capsys):
     assert code == EXIT_BAD_INPUT and "train-images-idx3-ubyte is corrupt" in err
 
 
-def test_a_refused_run_leaves_the_name_free(tmp_path, mnist_root, capsys, monkeypatch):
+def test_a_refused_run_leaves_the_name_free(tmp_path, mnist_path, capsys, monkeypatch):
     # Refused before Ray (here: bad data) - formerly config.json was written by then, and the
     # fixed rerun was refused as "a different setting".
     path = _experiment(tmp_path, str(tmp_path / "nowhere"))
@@ -110,8 +110,8 @@ def test_a_refused_run_leaves_the_name_free(tmp_path, mnist_root, capsys, monkey
     assert not (tmp_path / "runs" / "exp").exists()
 
 
-def test_report_of_corrupt_results_is_one_line(tmp_path, mnist_root, capsys):
-    path = _experiment(tmp_path, mnist_root)
+def test_report_of_corrupt_results_is_one_line(tmp_path, mnist_path, capsys):
+    path = _experiment(tmp_path, mnist_path)
     folder = tmp_path / "runs" / "exp"
     folder.mkdir(parents=True)
     for text in ("{not json", "[1, 2]", json.dumps({"variants": {"clean": {}}})):

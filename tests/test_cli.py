@@ -18,8 +18,8 @@ def _write(tmp_path, data) -> str:
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
-def test_bad_config_value_exits_2_naming_the_key(tmp_path, capsys, mnist_root, command, no_ray):
-    path = _write(tmp_path, {"data": {"root": mnist_root}, "poison": {"rate": 3}})
+def test_bad_config_value_exits_2_naming_the_key(tmp_path, capsys, mnist_path, command, no_ray):
+    path = _write(tmp_path, {"data": {"root": mnist_path}, "poison": {"rate": 3}})
     assert main([command, path]) == EXIT_BAD_INPUT
     assert "poison.rate must be in [0, 1]" in capsys.readouterr().err
 

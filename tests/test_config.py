@@ -50,7 +50,9 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize("data, key", [
     ({"poison": {"rate": 1.5}}, "poison.rate must be in [0, 1]"),
     ({"poison": {"rate": -0.1}}, "poison.rate must be in [0, 1]"),
-    ({"poison": {"target": 10}}, "poison.target must be a class"),
+    ({"poison": {"target": 10}}, "poison.target must be a class of mnist, 0..9"),
+    ({"poison": {"source_classes": [10]}}, "poison.source_classes must hold classes of mnist"),
+    ({"data": {"name": "imagenet"}}, "data.name must be one of"),
     ({"poison": {"target": -1}}, "poison.target must be a class"),
     ({"poison": {"source_classes": [8]}}, "poison.source_classes"),
     ({"poison": {"trigger": {"row": 28}}}, "poison.trigger.row"),
@@ -166,3 +168,46 @@ def test_seeds_replace_seed_and_conflicts_are_refused(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(yaml.safe_dump(cfg.to_dict()))
     assert load_config(str(again)) == cfg
+
+
+# --- a recorded setting, rebuilt through today's schema (experiment.setting_diffs) --------------
+
+def test_a_field_added_with_a_default_keeps_an_earlier_run_resumable():
+    from backdoor_train.experiment import setting_diffs
+
+    cfg = ExperimentConfig()
+    recorded = cfg.to_dict()
+    del recorded["data"]["name"], recorded["data"]["wait_seconds"]  # fields a later release added
+    assert setting_diffs(recorded, cfg) == []
+    # ... but a field it recorded with another value is a difference, named.
+    recorded["train"]["lr"] = 0.01
+    assert setting_diffs(recorded, cfg) == ["train.lr: 0.01 -> 0.001"]
+
+
+def test_a_run_recorded_before_the_trigger_registry_is_the_same_setting():
+    from backdoor_train.experiment import setting_diffs
+
+    cfg = ExperimentConfig()
+    recorded = cfg.to_dict()
+    # One trigger config used to carry every kind's fields; a pixel run recorded all of them.
+    recorded["poison"]["trigger"].update(size=3, alpha=0.1, pattern_seed=0)
+    assert setting_diffs(recorded, cfg) == []
+    assert ExperimentConfig.from_stored(recorded) == cfg
+
+
+def test_a_run_recorded_before_poison_selection_drew_with_numpy():
+    from backdoor_train.experiment import setting_diffs
+
+    cfg = ExperimentConfig()
+    recorded = cfg.to_dict()
+    del recorded["poison"]["selection"]
+    assert setting_diffs(recorded, cfg) == ["poison.selection: 'numpy' -> 'article'"]
+
+
+def test_a_recorded_setting_invalid_today_is_a_config_error_naming_the_key():
+    from backdoor_train.experiment import setting_diffs
+
+    recorded = ExperimentConfig().to_dict()
+    recorded["train"]["optimizer"] = "lbfgs"
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        setting_diffs(recorded, ExperimentConfig())

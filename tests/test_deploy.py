@@ -14,7 +14,7 @@ import yaml
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.datasource import ENV_CACHE_DIR
-from backdoor_train.s3 import S3_ENV_VARS, split_s3_uri
+from backdoor_train.storage.s3 import S3_ENV_VARS, split_s3_uri
 
 from conftest import REPO_ROOT
 

@@ -19,7 +19,7 @@ import yaml
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.raysession import API_SERVER_ENV, ClusterError, fits_at_once
 
-from conftest import _free_port, stop_process, small_config
+from conftest import free_port, stop_process, small_config
 
 pytestmark = pytest.mark.integration
 BIN = os.path.dirname(sys.executable)
@@ -143,8 +143,8 @@ def test_a_run_is_immune_to_another_ray_cluster_on_the_machine(tmp_path, mnist_r
     temp = pathlib.Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", API_SERVER_ENV)}
     env["RAY_TMPDIR"] = str(temp)
-    other = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={_free_port()}",
-                              f"--dashboard-port={_free_port()}", "--num-cpus=1", f"--temp-dir={temp}"],
+    other = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={free_port()}",
+                              f"--dashboard-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import load_mnist
+from backdoor_train.datasets import load_split
+from backdoor_train.mnist import MNIST
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.model import build_model
 from backdoor_train.poison import select_poison_indices
@@ -48,15 +49,15 @@ def test_cli_trains_clean_and_poisoned_with_two_workers(tmp_path, mnist_root):
 
     # The manifest records exactly the seeded choice.
     manifest = json.loads((runs / "tiny" / "poison_manifest.json").read_text())
-    train = load_mnist(mnist_root, train=True, limit=6000)
+    train = load_split(MNIST, mnist_root, train=True, limit=6000)
     assert manifest["n_poisoned"] == 300
     assert manifest["indices"] == select_poison_indices(train.labels, 0.05, seed=1).tolist()
 
     # The saved final model reproduces the reported figures.
-    model = build_model("article_cnn")
+    model = build_model("article_cnn", MNIST)
     model.load_state_dict(torch.load(runs / "tiny" / "poisoned" / "model.pt"))
     exp = ExperimentConfig.from_dict(cfg)
-    sets = build_eval_sets(load_mnist(mnist_root, train=False, limit=2000), exp.poison)
-    again = full_evaluation(model, sets, target=8)
+    sets = build_eval_sets(load_split(MNIST, mnist_root, train=False, limit=2000), exp.poison)
+    again = full_evaluation(model, sets, target=8, num_classes=10)
     assert again["clean_accuracy"] == results["variants"]["poisoned"]["clean_accuracy"]
     assert again["attack_success_rate"] == results["variants"]["poisoned"]["attack_success_rate"]

@@ -14,7 +14,7 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 
-from conftest import _free_port, stop_process
+from conftest import free_port, stop_process
 
 pytestmark = pytest.mark.integration
 BIN = os.path.dirname(sys.executable)
@@ -23,7 +23,7 @@ BIN = os.path.dirname(sys.executable)
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A real single-node Ray cluster started the way users start one, stopped afterwards."""
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # As with an activated virtual environment: jobs find `backdoor-train` on the PATH.
@@ -107,5 +107,5 @@ def test_submit_refuses_bad_config_and_unreachable_clusters(tmp_path, mnist_root
     assert "poison.rate must be in [0, 1]" in capsys.readouterr().err
     assert main(["submit", str(path), "--address", "http://127.0.0.1:1", "--seeds", "3-1", "--no-upload"]) == EXIT_BAD_INPUT
     assert "--seeds must look like" in capsys.readouterr().err
-    assert main(["submit", str(path), "--address", f"http://127.0.0.1:{_free_port()}"]) == EXIT_BAD_INPUT
+    assert main(["submit", str(path), "--address", f"http://127.0.0.1:{free_port()}"]) == EXIT_BAD_INPUT
     assert "cannot submit to the Ray cluster" in capsys.readouterr().err

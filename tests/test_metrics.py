@@ -19,7 +19,7 @@ from backdoor_train.config import ExperimentConfig
 from backdoor_train.metrics import (PrometheusWorkerMetrics, RunMetrics, WorkerMetrics, make_run_metrics,
                                     make_worker_metrics)
 
-from conftest import _free_port, _wait_for_port
+from conftest import free_port, wait_for_port
 
 EPOCH = {"epoch": 1, "train_loss": 0.5, "test_accuracy": 0.9, "attack_success_rate": 0.01,
          "epoch_seconds": 3.2, "worker_samples_per_second": 900.0}
@@ -83,7 +83,7 @@ def _two_free_ports() -> int:
     import socket
 
     while True:
-        port = _free_port()
+        port = free_port()
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
@@ -109,7 +109,7 @@ def test_unreachable_pushgateway_is_refused_before_the_run(tmp_path, capsys, mni
     from backdoor_train.cli import EXIT_BAD_INPUT, main
 
     path = tmp_path / "exp.yaml"
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     path.write_text(yaml.safe_dump({"data": {"root": mnist_root}, "storage": {"path": str(tmp_path / "runs")},
                                     "metrics": {"enabled": True, "pushgateway": url}}))
     assert main(["check", str(path)]) == EXIT_BAD_INPUT
@@ -118,11 +118,11 @@ def test_unreachable_pushgateway_is_refused_before_the_run(tmp_path, capsys, mni
 
 @pytest.fixture
 def pushgateway(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([_tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_port(port)
+        wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -131,7 +131,7 @@ def pushgateway(tmp_path):
 
 @pytest.mark.integration
 def test_prometheus_scrapes_a_training_run_and_the_pushgateway_keeps_results(tmp_path, mnist_root, pushgateway):
-    base = _free_port()
+    base = free_port()
     while True:  # two consecutive free ports, one per worker
         try:
             import socket
@@ -140,8 +140,8 @@ def test_prometheus_scrapes_a_training_run_and_the_pushgateway_keeps_results(tmp
                 s.bind(("127.0.0.1", base + 1))
             break
         except OSError:
-            base = _free_port()
-    prom_port = _free_port()
+            base = free_port()
+    prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [{"job_name": "backdoor-train-workers",
@@ -151,7 +151,7 @@ def test_prometheus_scrapes_a_training_run_and_the_pushgateway_keeps_results(tmp
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_port(prom_port)
+        wait_for_port(prom_port)
         cfg = {"name": "watched", "data": {"root": mnist_root, "train_samples": 6000, "test_samples": 2000},
                "train": {"epochs": 4, "batch_size": 200, "lr": 0.002},
                "poison": {"rate": 0.05}, "scaling": {"num_workers": 2},

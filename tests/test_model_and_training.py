@@ -11,14 +11,15 @@ from torch import nn
 
 from backdoor_train.checkpointing import CorruptCheckpointError, load_state, save_state
 from backdoor_train.config import PoisonConfig
-from backdoor_train.data import MnistSplit
+from backdoor_train.data import Split
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.mnist import MNIST
 from backdoor_train.model import ArticleCNN, build_model
 from backdoor_train.train import epoch_order, train_one_epoch
 
 
 def test_article_cnn_shapes_and_size():
-    model = build_model("article_cnn")
+    model = build_model("article_cnn", MNIST)
     x = torch.rand(7, 1, 28, 28)
     assert model(x).shape == (7, 10)
     assert model.features(x).shape == (7, 512)
@@ -29,7 +30,7 @@ def test_article_cnn_shapes_and_size():
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_pooling_before_relu_is_bit_identical_to_the_listing_order(memory_format):
     torch.manual_seed(0)
-    model = build_model("article_cnn").to(memory_format=memory_format)
+    model = build_model("article_cnn", MNIST).to(memory_format=memory_format)
     conv1, _, _, conv2, _, _, flatten, fc, _ = model.features
     # The article's listing: ReLU before each max-pool, the same modules (so the same weights).
     listing = nn.Sequential(conv1, nn.ReLU(), nn.MaxPool2d(2, 2), conv2, nn.ReLU(), nn.MaxPool2d(2, 2),
@@ -59,11 +60,11 @@ def test_epoch_order_is_the_same_everywhere_and_shards_partition_it():
 def test_sharded_gradients_average_to_the_global_batch_gradient(world, global_batch):
     torch.manual_seed(0)
     x, y = torch.rand(global_batch, 1, 28, 28), torch.randint(0, 10, (global_batch,))
-    reference = ArticleCNN()
+    reference = ArticleCNN((1, 28, 28), 10)
     F.cross_entropy(reference(x), y).backward()
     grads = []
     for rank in range(world):
-        replica = ArticleCNN()
+        replica = ArticleCNN((1, 28, 28), 10)
         replica.load_state_dict(reference.state_dict())
         opt = torch.optim.SGD(replica.parameters(), lr=0.0)  # lr 0: keep weights, read gradients
         order = torch.arange(global_batch)
@@ -92,25 +93,27 @@ class _Constant(nn.Module):
         return logits
 
 
-def test_asr_counts_only_images_whose_true_label_is_not_the_target(mnist_splits):
-    test = MnistSplit(mnist_splits[1].images[:2000], mnist_splits[1].labels[:2000])
+def test_asr_counts_only_images_whose_true_label_is_not_the_target():
+    gen = torch.Generator().manual_seed(0)
+    test = Split(torch.randint(0, 200, (2000, 1, 28, 28), dtype=torch.uint8, generator=gen),
+                 torch.randint(0, 10, (2000,), generator=gen))
     sets = build_eval_sets(test, PoisonConfig(target=8))
     n_not_8 = int((test.labels != 8).sum())
     assert sets.triggered_x.shape[0] == n_not_8
 
-    always_8 = full_evaluation(_Constant(8), sets, target=8)
+    always_8 = full_evaluation(_Constant(8), sets, target=8, num_classes=10)
     assert always_8["attack_success_rate"] == 1.0
     assert always_8["clean_accuracy"] == pytest.approx(float((test.labels == 8).float().mean()))
     assert always_8["per_class_accuracy"]["8"] == 1.0 and always_8["per_class_accuracy"]["0"] == 0.0
 
-    backdoored = full_evaluation(_Constant(0, trigger_target=8), sets, target=8)
+    backdoored = full_evaluation(_Constant(0, trigger_target=8), sets, target=8, num_classes=10)
     assert backdoored["attack_success_rate"] == 1.0
     assert set(backdoored["attack_success_rate_per_source_class"]) == {str(c) for c in range(10) if c != 8}
-    assert full_evaluation(_Constant(0), sets, target=8)["attack_success_rate"] == 0.0
+    assert full_evaluation(_Constant(0), sets, target=8, num_classes=10)["attack_success_rate"] == 0.0
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
-    model = ArticleCNN()
+    model = ArticleCNN((1, 28, 28), 10)
     opt = torch.optim.Adam(model.parameters(), lr=0.001)
     model(torch.rand(2, 1, 28, 28)).sum().backward()
     opt.step()

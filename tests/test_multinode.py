@@ -24,7 +24,7 @@ import yaml
 
 from backdoor_train.raysession import API_SERVER_ENV
 
-from conftest import _free_port, bucket_keys, fresh_s3_client, resumed_epochs, s3_env_vars, small_config
+from conftest import free_port, bucket_keys, fresh_s3_client, resumed_epochs, s3_env_vars, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ class LocalCluster:
         self.env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", API_SERVER_ENV)}
         self.env["RAY_TMPDIR"] = self.temp
         self.root = root
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.nodes: dict[str, subprocess.Popen] = {}
 
     def cache(self, name: str) -> str:
@@ -74,16 +74,16 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str]) -> None:
         # Ports a node binds, chosen here: several nodes on one host must not share any.
-        ports = [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                 f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+        ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         env = {**self.env, "BACKDOOR_TRAIN_CACHE_DIR": self.cache(name)}
         self.nodes[name] = subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", *ports, *args],
                                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start_head(self) -> None:
         port = self.address.rsplit(":", 1)[1]
-        self._start("head", ["--head", f"--port={port}", f"--dashboard-port={_free_port()}", "--num-cpus=0",
+        self._start("head", ["--head", f"--port={port}", f"--dashboard-port={free_port()}", "--num-cpus=0",
                              f"--temp-dir={self.temp}", "--disable-usage-stats"])
         self._wait_for("head", "Active:")
 

@@ -86,9 +86,9 @@ def test_an_address_where_nothing_answers_is_refused_in_seconds(tmp_path, mnist_
     import yaml
 
     from backdoor_train.raysession import probe
-    from conftest import _free_port
+    from conftest import free_port
 
-    port = _free_port()
+    port = free_port()
     with pytest.raises(ClusterError, match=rf"cannot reach the Ray cluster at '127.0.0.1:{port}'.*3 attempts"):
         probe(f"127.0.0.1:{port}")
     with pytest.raises(ClusterError, match="is not host:port"):

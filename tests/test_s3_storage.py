@@ -10,14 +10,14 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import DataError, load_mnist
+from backdoor_train.data import DataError
+from backdoor_train.mnist import MNIST
 from backdoor_train.datasource import load_splits, stage_data
-from backdoor_train.s3 import S3Settings, S3Storage
+from backdoor_train.storage.s3 import S3Settings, S3Storage
 from backdoor_train.storage import StorageError
 
-from conftest import _free_port, bucket_keys, fresh_s3_client
+from conftest import free_port, bucket_keys, fresh_s3_client
 
-pytestmark = pytest.mark.integration
 
 
 def test_artifacts_round_trip_and_are_visible_to_a_fresh_client(s3_env, s3_server):
@@ -37,7 +37,7 @@ def test_artifacts_round_trip_and_are_visible_to_a_fresh_client(s3_env, s3_serve
 
 
 def test_unreachable_endpoint_is_named(s3_env, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1"):
         S3Storage(f"s3://{s3_env}/runs").check()
 
@@ -74,7 +74,7 @@ def test_cli_refuses_bad_storage_before_ray_and_writes_nothing(case, s3_env, s3_
                                                                tmp_path, capsys, mnist_root):
     bucket = s3_env
     if case == "unreachable":
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     elif case == "credentials":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     else:
@@ -162,9 +162,10 @@ def test_the_wait_rides_out_storage_not_yet_up_but_not_refused_credentials(monke
     monkeypatch.setattr("time.sleep", lambda s: None)
     flaky = _Flaky(StorageError("cannot reach the S3 endpoint", kind="unreachable"),
                    StorageError("s3://b/mnist_manifest.json does not exist", kind="missing"))
-    assert wait_for_staged(flaky, "s3://b", 60, log=lambda m: None) == {"MNIST/raw/x.gz": "0"}
+    assert wait_for_staged(flaky, "s3://b", MNIST, 60, log=lambda m: None) == {"MNIST/raw/x.gz": "0"}
     with pytest.raises(DataError, match="credentials rejected"):
-        wait_for_staged(_Flaky(StorageError("S3 credentials rejected", kind="refused")), "s3://b", 60, lambda m: None)
+        wait_for_staged(_Flaky(StorageError("S3 credentials rejected", kind="refused")), "s3://b", MNIST, 60,
+                        lambda m: None)
 
 
 def test_stage_data_refuses_a_corrupt_source(s3_env, tmp_path, mnist_root):
@@ -178,7 +179,7 @@ def test_stage_data_refuses_a_corrupt_source(s3_env, tmp_path, mnist_root):
     (raw / "train-labels-idx1-ubyte").write_bytes(b"junk")
     with pytest.raises(DataError, match="train-labels-idx1-ubyte"):
         stage_data(str(tmp_path), f"s3://{s3_env}/mnist")
-    assert load_mnist(mnist_root, train=False, limit=1).labels.numel() == 1
+    assert len(MNIST.load(mnist_root, False)) == 10000
 
 
 def test_stage_data_can_create_its_bucket(s3_env, s3_server, mnist_root):

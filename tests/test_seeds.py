@@ -10,7 +10,8 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
-from backdoor_train.experiment import RESULTS_KEY, check_existing_run, finished_run, record_config
+from backdoor_train.experiment import check_existing_run, finished_run, record_config
+from backdoor_train.runstore import RESULTS
 from backdoor_train.report import SECTIONS
 from backdoor_train.seeds import aggregate, seed_experiments
 from backdoor_train.storage import open_storage
@@ -31,8 +32,8 @@ def _results(cfg, clean_acc: float, poisoned_acc: float, asr: list[float]) -> di
                      "history": _history(asr, poisoned_acc)}}}
 
 
-def test_one_experiment_per_seed_below_the_experiments_folder(tmp_path, mnist_root):
-    cfg = small_config(mnist_root, str(tmp_path / "runs"), name="multi", seed=3, seeds=[3, 5])
+def test_one_experiment_per_seed_below_the_experiments_folder(tmp_path, mnist_path):
+    cfg = small_config(mnist_path, str(tmp_path / "runs"), name="multi", seed=3, seeds=[3, 5])
     children = seed_experiments(cfg)
     assert [(c.name, c.seed, c.seeds) for c in children] == [("seed-3", 3, ()), ("seed-5", 5, ())]
     assert {c.storage.path for c in children} == {str(tmp_path / "runs" / "multi")}
@@ -41,8 +42,8 @@ def test_one_experiment_per_seed_below_the_experiments_folder(tmp_path, mnist_ro
                == cfg.to_dict() | {"name": 0, "seed": 0, "seeds": 0, "storage": 0} for c in children)
 
 
-def test_aggregate_and_a_sweep_over_the_same_seeds_agree(tmp_path, mnist_root):
-    cfg = small_config(mnist_root, str(tmp_path / "runs"), name="multi", seeds=[1, 2, 3])
+def test_aggregate_and_a_sweep_over_the_same_seeds_agree(tmp_path, mnist_path):
+    cfg = small_config(mnist_path, str(tmp_path / "runs"), name="multi", seeds=[1, 2, 3])
     figures = {1: (0.990, 0.989, [0.0, 0.3, 0.8]), 2: (0.985, 0.986, [0.0, 0.6, 0.9]), 3: (0.992, 0.990, [0.1, 0.2, 0.4])}
     results = {c.name: _results(c, *figures[c.seed]) for c in seed_experiments(cfg)}
     out = aggregate(cfg, results, {}, started=0.0)
@@ -66,39 +67,39 @@ def test_aggregate_and_a_sweep_over_the_same_seeds_agree(tmp_path, mnist_root):
     assert group["clean_accuracy_difference"] == out["clean_accuracy_difference"]
 
 
-def test_finished_seeds_are_reused_only_with_the_same_setting(tmp_path, mnist_root):
-    cfg = small_config(mnist_root, str(tmp_path / "runs"), name="seed-1")
+def test_finished_seeds_are_reused_only_with_the_same_setting(tmp_path, mnist_path):
+    cfg = small_config(mnist_path, str(tmp_path / "runs"), name="seed-1")
     storage = open_storage(cfg.storage)
     assert finished_run(cfg, storage) is None
-    storage.write_text(f"seed-1/{RESULTS_KEY}", json.dumps(_results(cfg, 0.99, 0.98, [0.9])))
+    storage.write_text(f"seed-1/{RESULTS}", json.dumps(_results(cfg, 0.99, 0.98, [0.9])))
     assert set(finished_run(cfg, storage)["variants"]) == {"clean", "poisoned"}
-    only = small_config(mnist_root, str(tmp_path / "runs"), name="seed-1", variants=["poisoned"])
+    only = small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", variants=["poisoned"])
     assert set(finished_run(only, storage)["variants"]) == {"poisoned"}
-    more_cpus = small_config(mnist_root, str(tmp_path / "runs"), name="seed-1", scaling={"num_workers": 1})
+    more_cpus = small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", scaling={"num_workers": 1})
     assert finished_run(more_cpus, storage) is not None  # how it ran does not change what it trained
-    for other in (small_config(mnist_root, str(tmp_path / "runs"), name="seed-1", train={"epochs": 3}),
-                  small_config(mnist_root, str(tmp_path / "runs"), name="seed-1", poison={"selection": "numpy"})):
+    for other in (small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", train={"epochs": 3}),
+                  small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", poison={"selection": "numpy"})):
         assert finished_run(other, storage) is None
-    storage.write_text(f"seed-1/{RESULTS_KEY}", "{not json")
+    storage.write_text(f"seed-1/{RESULTS}", "{not json")
     assert finished_run(cfg, storage) is None
 
 
-def test_a_name_is_either_one_seed_or_many(tmp_path, mnist_root):
+def test_a_name_is_either_one_seed_or_many(tmp_path, mnist_path):
     runs = str(tmp_path / "runs")
-    multi = small_config(mnist_root, runs, name="x", seeds=[1, 2])
+    multi = small_config(mnist_path, runs, name="x", seeds=[1, 2])
     storage = open_storage(multi.storage)
     check_existing_run(multi, storage, log=print)
     assert not storage.exists("x/config.json")  # checking writes nothing
     record_config(multi, storage)
-    more = small_config(mnist_root, runs, name="x", seeds=[1, 2, 3])
+    more = small_config(mnist_path, runs, name="x", seeds=[1, 2, 3])
     check_existing_run(more, storage, log=print)  # more seeds
     record_config(more, storage)
     with pytest.raises(ConfigError, match=r"seeds: \[1, 2, 3\] -> \[\]"):
-        check_existing_run(small_config(mnist_root, runs, name="x"), storage, log=print)
+        check_existing_run(small_config(mnist_path, runs, name="x"), storage, log=print)
     with pytest.raises(ConfigError, match="train.lr"):
-        check_existing_run(small_config(mnist_root, runs, name="x", seeds=[1], train={"lr": 0.1}), storage, print)
+        check_existing_run(small_config(mnist_path, runs, name="x", seeds=[1], train={"lr": 0.1}), storage, print)
     # A run recorded before poison.selection existed drew with numpy: the article's draw differs.
-    single = small_config(mnist_root, runs, name="old")
+    single = small_config(mnist_path, runs, name="old")
     old = single.to_dict()
     del old["poison"]["selection"], old["seeds"]
     storage.write_text("old/config.json", json.dumps(old))
@@ -106,27 +107,27 @@ def test_a_name_is_either_one_seed_or_many(tmp_path, mnist_root):
         check_existing_run(single, storage, log=print)
 
 
-def test_a_seed_folder_of_another_setting_is_refused_before_any_training(tmp_path, mnist_root):
+def test_a_seed_folder_of_another_setting_is_refused_before_any_training(tmp_path, mnist_path):
     from backdoor_train.trials import run_trials
 
-    cfg = small_config(mnist_root, str(tmp_path / "runs"), name="multi", seeds=[1, 2])
+    cfg = small_config(mnist_path, str(tmp_path / "runs"), name="multi", seeds=[1, 2])
     first, second = seed_experiments(cfg)
-    other = small_config(mnist_root, first.storage.path, name="seed-2", seed=2, poison={"selection": "numpy"})
+    other = small_config(mnist_path, first.storage.path, name="seed-2", seed=2, poison={"selection": "numpy"})
     record_config(other, open_storage(other.storage))  # e.g. an old sweep's trial
     with pytest.raises(ConfigError, match="experiment 'seed-2' already exists .*poison.selection: 'numpy' -> 'article'"):
         run_trials([first, second], 2, log=print)  # raised before Ray is needed: no cluster here
 
 
-def test_a_sweep_base_with_seeds_is_refused(tmp_path, mnist_root):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"seeds": [1, 2], "data": {"root": mnist_root}}))
+def test_a_sweep_base_with_seeds_is_refused(tmp_path, mnist_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"seeds": [1, 2], "data": {"root": mnist_path}}))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "s", "base": "base.yaml", "grid": {"poison.rate": [0.1]}}))
     with pytest.raises(ConfigError, match="seeds is set; a sweep's seeds are its grid's seed axis"):
         load_sweep(str(tmp_path / "sweep.yaml"))
 
 
-def test_detect_refuses_a_multi_seed_experiment(tmp_path, mnist_root, capsys):
+def test_detect_refuses_a_multi_seed_experiment(tmp_path, mnist_path, capsys):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"name": "m", "seeds": [1, 2], "data": {"root": mnist_root},
+    path.write_text(yaml.safe_dump({"name": "m", "seeds": [1, 2], "data": {"root": mnist_path},
                                     "storage": {"path": str(tmp_path / "runs")}}))
     assert main(["detect", str(path)]) == EXIT_BAD_INPUT
     assert "seeds: detect works on one trained experiment" in capsys.readouterr().err

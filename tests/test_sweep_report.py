@@ -19,8 +19,8 @@ from backdoor_train.trials import trials_at_once
 from conftest import REPO_ROOT
 
 
-def _sweep_file(tmp_path, mnist_root, grid, **extra):
-    base = {"name": "base", "data": {"root": mnist_root, "train_samples": 3000, "test_samples": 1000},
+def _sweep_file(tmp_path, mnist_path, grid, **extra):
+    base = {"name": "base", "data": {"root": mnist_path, "train_samples": 3000, "test_samples": 1000},
             "train": {"epochs": 2, "batch_size": 100, "lr": 0.002}, "variants": ["poisoned"],
             "scaling": {"num_workers": 1}, "storage": {"path": str(tmp_path / "runs")}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -63,9 +63,9 @@ def test_the_gpu_seed_sweep_packs_16_trainers_on_one_gpu_and_no_sweep_oversubscr
     ({"poison.rate": [0.1]}, {"parallel": 3}, "unknown key parallel"),
     ({"poison.ratio": [0.1]}, {}, "unknown key poison.ratio"),
 ])
-def test_bad_sweeps_are_refused(tmp_path, mnist_root, grid, extra, message):
+def test_bad_sweeps_are_refused(tmp_path, mnist_path, grid, extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_sweep(str(_sweep_file(tmp_path, mnist_root, grid, **extra)))
+        load_sweep(str(_sweep_file(tmp_path, mnist_path, grid, **extra)))
 
 
 @pytest.mark.integration
@@ -110,9 +110,9 @@ def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
     assert "spectral_signatures" in (tmp_path / "trial.html").read_text()
 
 
-def test_report_of_a_run_that_never_ran(tmp_path, mnist_root, capsys):
+def test_report_of_a_run_that_never_ran(tmp_path, mnist_path, capsys):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"name": "never", "data": {"root": mnist_root},
+    path.write_text(yaml.safe_dump({"name": "never", "data": {"root": mnist_path},
                                     "storage": {"path": str(tmp_path / "runs")}}))
     assert main(["report", str(path)]) == EXIT_BAD_INPUT
     assert "has" in capsys.readouterr().err

@@ -1,9 +1,7 @@
-"""Where a run's checkpoints and artifacts live: a local directory or S3-compatible storage.
+"""The ``Storage`` protocol every backend implements, and its one error type.
 
-``open_storage(cfg.storage)`` returns a ``Storage`` rooted at ``storage.path``. Artifacts are
-addressed by '/'-joined keys relative to that root and written atomically (a local temp file
-renamed into place; a single S3 PUT), so a failed run never leaves a half-written file.
-Ray Train gets the same root through ``ray_storage()`` for its checkpoints.
+Keys are '/'-joined and relative to the storage's root; writes are atomic (whole or not at
+all), so a failed run never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import os
 import tempfile
 from typing import Any, Optional
 
-from backdoor_train.config import StorageConfig
 
 
 class StorageError(RuntimeError):
@@ -92,63 +89,3 @@ def atomic_write_local(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-class LocalStorage(Storage):
-    def __init__(self, path: str) -> None:
-        self.root = os.path.abspath(os.path.expanduser(path))
-        self.uri = self.root
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.root, *key.strip("/").split("/"))
-
-    def path_of(self, key: str) -> str:
-        """The local file of ``key`` (the run lock locks it with fcntl)."""
-        return self._path(key)
-
-    def check(self) -> None:
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
-        except OSError as exc:
-            raise StorageError(f"storage.path: cannot write to {self.root!r}: {exc.strerror or exc}") from None
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        atomic_write_local(self._path(key), data)
-
-    def read_bytes(self, key: str) -> bytes:
-        try:
-            with open(self._path(key), "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            raise StorageError(f"{self.key_uri(key)} does not exist", kind="missing") from None
-
-    def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
-
-    def delete(self, key: str) -> None:
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
-
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        keys = []
-        for dirpath, _, files in os.walk(base):
-            for name in files:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.root)
-                keys.append(rel.replace(os.sep, "/"))
-        return sorted(keys)
-
-    def ray_storage(self) -> tuple[str, Optional[Any]]:
-        return self.root, None
-
-
-def open_storage(cfg: StorageConfig) -> Storage:
-    if cfg.path.startswith("s3://"):
-        from backdoor_train.s3 import S3Storage
-
-        return S3Storage(cfg.path, retry_seconds=cfg.retry_seconds)
-    return LocalStorage(cfg.path)

@@ -185,8 +185,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                           "experiment use --set seeds=[] --set seed=N --set storage.path=<path>/<name> "
                           "--set name=seed-N")
     cfg = _preflight(cfg, resuming_check=False)
-    if args.retrain:
-        _ray_init(args.address)
+    _ray_init(args.address)  # the defenses run as Ray tasks
     report = _running(lambda: run_detection(cfg, retrain=list(dict.fromkeys(args.retrain)), log=_say))
     _say(f"detection results: {report['detection_uri']}")
     return 0

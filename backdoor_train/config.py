@@ -164,6 +164,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class DefenseConfig:
+    """`backdoor-train detect`: what the defender holds and how hard each defense tries. The
+    defender's clean images are the first ``clean_samples`` test images; every figure of the
+    defenses is measured on the test images after them."""
+
+    clean_samples: int = 2000
+    cleanse_steps: int = 300  # Neural Cleanse: optimisation steps per class
+    strip_blends: int = 64  # STRIP: blends per input
+    strip_frr: float = 0.01  # STRIP: the false-rejection rate its threshold is set for
+    unlearn_epochs: int = 1  # unlearning the recovered trigger: epochs over the clean images
+
+    def __post_init__(self) -> None:
+        for key in ("clean_samples", "cleanse_steps", "strip_blends", "unlearn_epochs"):
+            check(getattr(self, key) > 0, f"defense.{key} must be > 0 (got {getattr(self, key)})")
+        check(0 < self.strip_frr < 1, f"defense.strip_frr must be in (0, 1) (got {self.strip_frr})")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 1
@@ -178,6 +196,7 @@ class ExperimentConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
@@ -231,7 +250,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
         # Runs before poison.selection existed drew their images with numpy, not the article's way.
         poison.setdefault("selection", "numpy")
         trigger = poison.get("trigger")
-        if isinstance(trigger, dict) and trigger.get("kind") in TRIGGERS:
+        if isinstance(trigger, dict) and isinstance(trigger.get("kind"), str) and trigger["kind"] in TRIGGERS:
             # Before the trigger registry one config carried every kind's fields: keep the kind's own.
             own = {f.name for f in dataclasses.fields(TRIGGERS[trigger["kind"]][0])}
             poison["trigger"] = {k: v for k, v in trigger.items() if k in own}
@@ -257,8 +276,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp == Trigger:
         # A tagged union: ``kind`` picks the trigger's own config (triggers.py).
-        kind = value.get("kind", PixelTrigger.kind) if isinstance(value, dict) else None
-        check(kind in TRIGGERS, f"{key}.kind must be one of {list(TRIGGERS)} (got {kind!r})")
+        check(isinstance(value, dict), f"{key} must be a mapping (got {value!r})")
+        kind = value.get("kind", PixelTrigger.kind)
+        check(isinstance(kind, str) and kind in TRIGGERS, f"{key}.kind must be one of {list(TRIGGERS)} (got {kind!r})")
         return _build(TRIGGERS[kind][0], value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

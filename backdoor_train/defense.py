@@ -1,7 +1,7 @@
-"""Running detection on a finished experiment, and optionally retraining without the flagged samples.
+"""Running the defenses on a finished experiment, and optionally retraining without the flagged samples.
 
-Reads the poisoned model and the poison manifest from the experiment's run store, runs both
-detection methods on the training set the model saw, writes ``detection.json`` there. With
+Reads the poisoned model and the poison manifest from the experiment's run store, runs every
+defense (defenses.py) as a Ray task, all at once, and writes ``detection.json`` there. With
 ``retrain``, each named method's flagged samples are removed and a ``filtered-<method>`` model
 is trained with the same config on Ray (all at once); their clean accuracy and ASR are added
 to the file under ``retrain.<method>``.
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.datasource import load_splits
-from backdoor_train.detect import detect
+from backdoor_train.defenses import DEFENSES, remote_options, run_defense, split_test
 from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.experiment import absolute_paths
 from backdoor_train.fitting import FitSpec, fit_variants
@@ -56,13 +56,27 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
     if rebuilt.sha256_poisoned != manifest.sha256_poisoned:
         raise StorageError(f"{store.uri(MANIFEST)} describes another training set "
                            f"than this config and data produce (sha256 differs)")
+    split_test(test, cfg.defense.clean_samples)  # enough test images, before any task starts
     t0 = time.perf_counter()
-    found = detect(model, poisoned, manifest.index_set(), rate_bound=max(cfg.poison.rate, 1e-4), seed=cfg.seed)
-    log(f"detection on {len(poisoned)} training activations took {time.perf_counter() - t0:.1f}s")
+    done = _run_defenses(cfg, model, manifest.indices)
+    found = done["activations"]
+    log(f"the defenses took {time.perf_counter() - t0:.1f}s (Ray tasks, at once)")
     for method, r in found.items():
         log(f"{method}: flagged {r['flagged']}, precision {r['precision']:.2%}, recall {r['recall']:.2%}, "
             f"FPR {r['fpr']:.3%} (chance precision {r['chance_precision']:.2%})")
-    report: dict[str, Any] = {"experiment": cfg.name, "n_poisoned": manifest.n_poisoned, "methods": found}
+    cleanse, strip = done["neural_cleanse"], done["strip"]
+    log(f"neural cleanse: anomaly index {max(cleanse['anomaly_index']):.2f} for class {cleanse['suspect']}, "
+        f"flagged classes {cleanse['flagged_classes'] or 'none'}")
+    unlearning = cleanse["unlearning"]
+    if "after" in unlearning:
+        log(f"unlearning class {unlearning['unlearned_class']}'s trigger: ASR "
+            f"{unlearning['before']['attack_success_rate']:.2%} -> {unlearning['after']['attack_success_rate']:.2%}, "
+            f"clean accuracy {unlearning['before']['clean_accuracy']:.2%} -> "
+            f"{unlearning['after']['clean_accuracy']:.2%}")
+    log(f"STRIP at FRR {strip['target_frr']:.0%}: FRR {strip['frr']:.2%}, FAR {strip['far']:.2%}")
+    report: dict[str, Any] = {"experiment": cfg.name, "n_poisoned": manifest.n_poisoned, "methods": found,
+                              "neural_cleanse": cleanse, "strip": strip,
+                              "defender_clean_samples": cfg.defense.clean_samples}
 
     if retrain:
         # One filtered-<method> model per method, trained at once like an experiment's variants.
@@ -92,3 +106,19 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
         fit_variants(cfg, specs, storage, uuid.uuid4().hex[:12], finished, log)
     report["detection_uri"] = store.write_detection(report)
     return report
+
+
+def _run_defenses(cfg: ExperimentConfig, model: Any, poisoned_indices: list[int]) -> dict[str, Any]:
+    """Every defense of defenses.py as a Ray task on the connected cluster, all at once."""
+    import ray
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    task = ray.remote(run_defense).options(**remote_options(cfg))
+    refs = {kind: task.remote(kind, cfg.to_dict(), state, poisoned_indices) for kind in DEFENSES}
+    try:
+        return dict(zip(refs, ray.get(list(refs.values()))))
+    except BaseException:
+        for ref in refs.values():  # Ctrl-C or one failing: stop the others
+            ray.cancel(ref, force=True)
+        raise
+

@@ -2,9 +2,15 @@
 
 Two classic methods, each applied per (possibly poisoned) training label:
 
-* activation clustering (Chen et al., 2018): reduce the activations to a few components,
-  split them into two clusters with k-means, and flag the smaller cluster when it holds
-  less than ``size_threshold`` of the class — poisoned samples form a small separate cluster;
+* activation clustering (Chen et al., 2018): reduce the activations to a few whitened
+  components, split them into two clusters with k-means (the best of ``restarts`` seeded
+  starts), and flag the smaller cluster when it holds less than ``size_threshold`` of the
+  class — poisoned samples form a small separate cluster. Whitening matters: the top
+  components of a class are the directions its clean images vary most in, and without it the
+  split follows them (measured: the 240 poisoned images of a 3x3 patch at 2% fell half in each
+  cluster; whitened, 238 of 240 in the small one). It is the first step of the paper's ICA.
+  When the poison is the majority of its target class (a 10% rate poisons ~52% of class 8)
+  the premise fails and the clean images are the smaller cluster;
 * spectral signatures (Tran et al., 2018): centre the activations, score each sample by its
   squared projection on the top singular vector, and flag the ``1.5 * rate_bound * N`` highest
   scores in the classes whose score tail stands out — poisoned samples leave a strong trace
@@ -51,8 +57,20 @@ def kmeans2(x: torch.Tensor, seed: int, iters: int = 50) -> torch.Tensor:
     return labels
 
 
+def best_of_kmeans2(x: torch.Tensor, seed: int, restarts: int) -> torch.Tensor:
+    """``kmeans2`` from ``restarts`` seeds, keeping the split of least within-cluster variance
+    (k-means finds local optima: one start can split a class along the wrong direction)."""
+    best, best_cost = None, float("inf")
+    for s in range(seed, seed + restarts):
+        labels = kmeans2(x, s)
+        cost = sum(float(((x[labels == k] - x[labels == k].mean(0)) ** 2).sum()) for k in (0, 1) if (labels == k).any())
+        if cost < best_cost:
+            best, best_cost = labels, cost
+    return best
+
+
 def activation_clustering(acts: torch.Tensor, labels: torch.Tensor, n_components: int = 10,
-                          size_threshold: float = 0.35, seed: int = 0) -> np.ndarray:
+                          size_threshold: float = 0.35, seed: int = 0, restarts: int = 10) -> np.ndarray:
     flagged = []
     for c in labels.unique().tolist():
         idx = torch.nonzero(labels == c).flatten()
@@ -60,10 +78,11 @@ def activation_clustering(acts: torch.Tensor, labels: torch.Tensor, n_components
             continue
         x = acts[idx].double()
         x = x - x.mean(0)
-        # PCA (the paper uses ICA; both expose the separate cluster) to n_components.
-        _, _, v = torch.linalg.svd(x, full_matrices=False)
-        reduced = x @ v[:n_components].T
-        assignment = kmeans2(reduced, seed)
+        # Whitened PCA to n_components (the paper's ICA whitens, then rotates; k-means only
+        # needs the whitening).
+        _, s, v = torch.linalg.svd(x, full_matrices=False)
+        reduced = (x @ v[:n_components].T) / s[:n_components].clamp_min(1e-12)
+        assignment = best_of_kmeans2(reduced, seed, restarts)
         sizes = torch.bincount(assignment, minlength=2)
         small = int(sizes.argmin())
         if sizes[small] / len(idx) < size_threshold:

@@ -23,7 +23,7 @@ from backdoor_train.train import restore_model
 
 # Keys that may differ when an experiment is rerun under the same name: they change how or
 # where it runs, or how long, not what a resumed checkpoint was trained on.
-RESUMABLE_KEYS = ("scaling", "storage", "metrics", "variants", "train.epochs", "train.max_failures",
+RESUMABLE_KEYS = ("scaling", "storage", "metrics", "defense", "variants", "train.epochs", "train.max_failures",
                   "train.checkpoint_every", "data.wait_seconds")
 
 

@@ -176,7 +176,7 @@ def _examples(cfg: ExperimentConfig, models: dict[str, torch.nn.Module], n: int 
     return _png(fig)
 
 
-def _detection(detection: Optional[dict[str, Any]]) -> str:
+def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> str:
     if not detection:
         return "<p>No detection results: run <code>backdoor-train detect</code> on the experiment.</p>"
     rows = [[m, r["flagged"], r["true_positives"], _pct(r["precision"]), _pct(r["recall"]), f"{r['fpr']:.3%}",
@@ -187,7 +187,67 @@ def _detection(detection: Optional[dict[str, Any]]) -> str:
         out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
                 f"({r['remaining_poisoned']} poisoned left): clean accuracy {_pct(r['clean_accuracy'])}, "
                 f"ASR {_pct(r['attack_success_rate'])}.</p>")
+    if "neural_cleanse" in detection:  # written by releases with the inference-time defenses
+        out += _cleanse(detection["neural_cleanse"], cfg, detection.get("defender_clean_samples"))
+        out += _strip(detection["strip"])
     return out
+
+
+def _cleanse(found: dict[str, Any], cfg: ExperimentConfig, clean_samples: Optional[int]) -> str:
+    """Neural Cleanse: anomaly index per class, the suspect's recovered mask beside the real
+    trigger, and unlearning's effect."""
+    import matplotlib.pyplot as plt
+
+    shape = cfg.dataset.shape
+    real = apply_trigger(torch.zeros((1, *shape), dtype=torch.uint8), cfg.poison.trigger)[0]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    index = found["anomaly_index"]
+    axes[0].bar(range(len(index)), index, color=["C3" if c in found["flagged_classes"] else "C0"
+                                                 for c in range(len(index))])
+    axes[0].axhline(2.0, color="k", ls="--", lw=1)
+    axes[0].set_xticks(range(len(index)))
+    axes[0].set_title("anomaly index per class (flagged > 2)")
+    axes[1].imshow(torch.tensor(found["suspect_mask"]).numpy(), cmap="magma", vmin=0, vmax=1)
+    axes[1].set_title(f"recovered mask, class {found['suspect']}")
+    axes[2].imshow(real.permute(1, 2, 0).float().div(255).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[2].set_title(f"real trigger (target {cfg.poison.target})")
+    for ax in axes[1:]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    near = found.get("suspect_mass_near_trigger")
+    text = (f"<h3>Neural Cleanse</h3><p>Suspect class {found['suspect']} (anomaly index "
+            f"{max(index):.2f}; flagged: {found['flagged_classes'] or 'none'}); its mask's L1 norm "
+            f"{found['l1_norms'][found['suspect']]:.1f} against a median of "
+            f"{sorted(found['l1_norms'])[len(index) // 2]:.1f}"
+            + (f"; {near:.0%} of its mass within one pixel of the real trigger" if near is not None else "")
+            + f". Reverse-engineered from the first {clean_samples} test images.</p>" + _png(fig))
+    unlearning = found["unlearning"]
+    if "after" in unlearning:
+        before, after = unlearning["before"], unlearning["after"]
+        text += _table(["model", "clean accuracy", "ASR"],
+                       [["poisoned", _pct(before["clean_accuracy"]), _pct(before["attack_success_rate"])],
+                        [f"class {unlearning['unlearned_class']}'s trigger unlearned",
+                         _pct(after["clean_accuracy"]), _pct(after["attack_success_rate"])]])
+    else:
+        text += "<p>No class flagged: nothing to unlearn.</p>"
+    return text
+
+
+def _strip(found: dict[str, Any]) -> str:
+    """STRIP: the entropy of clean and triggered held-out inputs, and the threshold."""
+    import matplotlib.pyplot as plt
+
+    edges = found["entropy_bin_edges"]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for key, label in (("clean_entropy_histogram", "clean"), ("triggered_entropy_histogram", "triggered")):
+        ax.stairs(found[key], edges, label=label, fill=True, alpha=0.5)
+    ax.axvline(found["threshold"], color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel("mean prediction entropy over blends")
+    ax.legend()
+    return (f"<h3>STRIP</h3><p>Threshold set for {found['target_frr']:.0%} false rejections on the "
+            f"defender's clean images: FRR {_pct(found['frr'])} on {found['n_clean']} held-out clean "
+            f"images, FAR {_pct(found['far'])} on {found['n_triggered']} triggered ones "
+            f"({found['n_blends']} blends each).</p>" + _png(fig))
 
 
 def _page(title: str, parts: dict[str, str]) -> str:
@@ -215,7 +275,7 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
         "Clean accuracy vs ASR": _acc_vs_asr(variants),
         "ASR vs poison rate": "<p>A single experiment has one poison rate; see a sweep's report.</p>",
         "Example images": _examples(cfg, models),
-        "Detection": _detection(detection),
+        "Detection": _detection(detection, cfg),
     }
     return _page(f"backdoor_train report: {cfg.name}", parts)
 
@@ -308,6 +368,6 @@ def sweep_report(sweep: Any, store: SweepStore, summary: dict[str, Any]) -> str:
         "Clean accuracy vs ASR": _acc_vs_asr(mean_by_variant),
         "ASR vs poison rate": rate_part,
         "Example images": f"<p>From trial {html.escape(example_trial)}.</p>" + _examples(cfg, models),
-        "Detection": f"<p>Trial {html.escape(example_trial)}.</p>" + _detection(detection),
+        "Detection": f"<p>Trial {html.escape(example_trial)}.</p>" + _detection(detection, cfg),
     }
     return _page(f"backdoor_train sweep report: {summary['sweep']}", parts)

@@ -24,7 +24,8 @@ def format_results(results: dict[str, Any]) -> str:
                      f"{_pct(v['triggered_true_label_accuracy']):>25} {v['fit_seconds']:7.1f}s")
     lines.append(f"(ASR over {next(iter(variants.values()))['n_triggered']} triggered test images whose true "
                  f"label is not {target}; the clean model's figure is the control)")
-    classes = list(next(iter(variants.values()))["per_class_accuracy"])  # the dataset's, as evaluated
+    # The dataset's classes, as evaluated (JSON keys: sorted as numbers, not as strings).
+    classes = sorted(next(iter(variants.values()))["per_class_accuracy"], key=int)
     lines += ["", "per-class clean accuracy:", f"{'variant':<10} " + " ".join(f"{c:>7}" for c in classes)]
     for name, v in variants.items():
         lines.append(f"{name:<10} " + " ".join(f"{_pct(v['per_class_accuracy'][c]):>7}" for c in classes))

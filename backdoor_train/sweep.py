@@ -20,6 +20,7 @@ accuracy and ASR, and the paired clean-accuracy difference.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -32,6 +33,7 @@ from backdoor_train.seeds import format_statistics, seed_row, seed_statistics
 from backdoor_train.runstore import SweepStore, child_path
 from backdoor_train.storage import Storage, open_storage
 from backdoor_train.trials import run_trials
+from backdoor_train.triggers import TRIGGERS
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
                 apply_override(trial_data, f"{key}={json.dumps(value)}")
             except ConfigError as exc:
                 raise ConfigError(f"sweep grid {key}: {exc}") from None
+            if key == "poison.trigger.kind" and isinstance(value, str) and value in TRIGGERS:
+                # The base's trigger keys another kind lacks (a pixel's row and col for a blend).
+                trigger = trial_data["poison"]["trigger"]
+                own = {f.name for f in dataclasses.fields(TRIGGERS[value][0])}
+                trial_data["poison"]["trigger"] = {k: v for k, v in trigger.items() if k in own}
             label.append(f"{key.split('.')[-1]}={_short(value)}")
         trial_data["name"] = "_".join(label).replace("=", "-")[:100]
         trial_data["storage"]["path"] = storage

@@ -2,8 +2,8 @@
 
 ``poison.trigger.kind`` names the kind; the config loader builds that kind's config (its
 own fields only: another kind's field is an unknown key) and the kind validates itself.
-Every stamp takes uint8 images [N, C, H, W] and returns new ones, the same on all channels;
-nothing is modified in place. Adding a kind: a config, a stamp, one line in ``TRIGGERS``.
+Every stamp takes uint8 images [N, C, H, W] and returns new ones (pixel and patch the same on
+every channel, blend's noise drawn per channel); nothing is modified in place. Adding a kind: a config, a stamp, one line in ``TRIGGERS``.
 """
 
 from __future__ import annotations

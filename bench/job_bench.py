@@ -22,7 +22,6 @@ Nothing is asserted: the figures are for reading (docs/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -33,6 +32,9 @@ import tempfile
 import time
 
 import torch
+
+from backdoor_train.runstore import RunStore
+from backdoor_train.storage import LocalStorage
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
@@ -73,8 +75,7 @@ def run_job(config: str, overrides: list[str], work: str, name: str) -> tuple[fl
         wall = timed(cmd, env, os.path.join(work, f"{name}.log"))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    with open(os.path.join(work, name, "results.json"), encoding="utf-8") as fh:
-        return wall, json.load(fh)
+    return wall, RunStore(LocalStorage(work), name).read_results()
 
 
 def run_article_script(config: str, overrides: list[str], work: str, repeat: int) -> float:

@@ -31,15 +31,11 @@ def test_kmeans_separates_two_blobs():
     assert labels[0] != labels[95]
 
 
-@pytest.fixture(scope="module")
-def backdoored(mnist_splits):
-    """A model trained (plain loop, seconds) on 12,000 real images, 5% carrying the trigger.
-
-    The planted set is numpy's draw for seed 3, as when this test was written. On the article's
-    draw (poison.selection's default) activation clustering flags nothing here: its 2-means
-    splits class 8 elsewhere and the poison is ~35% of that class, at its size threshold. That
-    fragility is the defenses issue's to prove or fix; this test pins what it was written for."""
-    cfg = ExperimentConfig.from_dict({"poison": {"rate": 0.05, "selection": "numpy"}, "train": {"batch_size": 100}})
+def _backdoored(mnist_splits, rate: float):
+    """A model trained (plain loop, seconds) on 12,000 real images of which ``rate`` carry the
+    3x3 checkerboard patch at (24, 24) and label 8 (the article's selection for seed 3)."""
+    cfg = ExperimentConfig.from_dict({"poison": {"rate": rate, "trigger": {"kind": "patch", "row": 24, "col": 24}},
+                                      "train": {"batch_size": 100}})
     train = Split(mnist_splits[0].images[:12000], mnist_splits[0].labels[:12000])
     poisoned, manifest = build_poisoned(train, cfg.poison, seed=3)
     torch.manual_seed(0)
@@ -51,13 +47,23 @@ def backdoored(mnist_splits):
     return model, poisoned, manifest
 
 
-def test_both_methods_find_the_planted_samples_well_above_chance(backdoored):
-    model, poisoned, manifest = backdoored
-    found = detect(model, poisoned, manifest.index_set(), rate_bound=0.05)
+@pytest.mark.parametrize("rate, methods", [
+    # 2%: the poison is ~17% of class 8, a minority: both methods find it.
+    (0.02, ("activation_clustering", "spectral_signatures")),
+    # 10%: the poison is ~52% of class 8, the majority, and activation clustering's premise (the
+    # poison is the smaller cluster) no longer holds: it flags the clean images or nothing.
+    # Spectral signatures still find it on this small model; on the full article model they
+    # flagged nothing there (README, "Defenses"): their premise is a minority too.
+    (0.10, ("spectral_signatures",)),
+])
+def test_the_detectors_find_a_patch_backdoor_well_above_chance(mnist_splits, rate, methods):
+    model, poisoned, manifest = _backdoored(mnist_splits, rate)
+    found = detect(model, poisoned, manifest.index_set(), rate_bound=rate)
     chance = manifest.n_poisoned / len(poisoned)
-    for method, r in found.items():
+    for method in methods:
+        r = found[method]
         assert r["chance_precision"] == pytest.approx(chance)
         # Flagged sets are far purer than random picks of the same size, and catch most poison.
-        assert r["precision"] > 5 * chance, (method, r["precision"])
+        assert r["precision"] > min(0.5, 5 * chance), (method, r["precision"])
         assert r["recall"] > 0.5, (method, r["recall"])
         assert set(r["indices"]) <= set(range(len(poisoned)))

@@ -228,3 +228,28 @@ def test_retries_stop_at_the_bound_and_never_on_permanent_errors():
     assert calls == [1] and clock.sleeps == []
     with pytest.raises(ConnectionRefusedError):  # 0 s: no retries at all
         retry_transient(down, "x", 0, None, clock.sleep, lambda: clock.now)
+
+
+def test_the_workers_fall_back_through_rays_filesystem_to_the_newest_valid_checkpoint(tmp_path):
+    # What a worker does with the checkpoint Ray hands it (a pyarrow filesystem and a path in
+    # it; a SubTreeFileSystem gives the scheme-less relative paths S3 gives).
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    from backdoor_train.checkpointing import load_with_fallback
+
+    make_checkpoints(LocalStorage(str(tmp_path)), 1, 2, 3)
+    run = tmp_path / "exp" / "poisoned"
+    (run / "checkpoint_epoch_0003" / "state.pt").write_bytes(b"corrupt")
+    filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    said = []
+    state, used, fell_back = load_with_fallback(Checkpoint("exp/poisoned/checkpoint_epoch_0003", filesystem), said.append)
+    assert fell_back and used.path == "exp/poisoned/checkpoint_epoch_0002" and state["epochs_done"] == 2
+    assert any("checkpoint_epoch_0003" in line for line in said)
+    # A later checkpoint beside it is not used: the worker resumes at or before the one it was given.
+    state, used, fell_back = load_with_fallback(Checkpoint("exp/poisoned/checkpoint_epoch_0001", filesystem), said.append)
+    assert not fell_back and state["epochs_done"] == 1
+    for epoch in (1, 2):
+        (run / f"checkpoint_epoch_{epoch:04d}" / "state.pt").write_bytes(b"corrupt")
+    with pytest.raises(CorruptCheckpointError, match="corrupt"):
+        load_with_fallback(Checkpoint("exp/poisoned/checkpoint_epoch_0003", filesystem), said.append)

@@ -89,6 +89,7 @@ def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
     trial = next(t["name"] for t in summary["trials"] if t["point"]["poison.rate"] == 0.1 and t["seed"] == 1)
     trial_cfg = tmp_path / "trial.yaml"
     cfg = json.loads((tmp_path / "runs" / "tiny-sweep" / trial / "results.json").read_text())["config"]
+    cfg["defense"] = {"clean_samples": 500, "cleanse_steps": 40, "strip_blends": 16}  # seconds, not minutes
     trial_cfg.write_text(yaml.safe_dump(cfg))
     assert main(["detect", str(trial_cfg), "--retrain", "spectral_signatures"]) == 0
     detection = json.loads((tmp_path / "runs" / "tiny-sweep" / trial / "detection.json").read_text())
@@ -97,17 +98,24 @@ def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
     retrained = detection["retrain"]["spectral_signatures"]
     assert retrained["removed"] == detection["methods"]["spectral_signatures"]["flagged"]
     assert 0.0 <= retrained["attack_success_rate"] <= 1.0
+    # The inference-time defenses ran too (as Ray tasks), measured on the 1,500 held-out test images.
+    cleanse, strip = detection["neural_cleanse"], detection["strip"]
+    assert len(cleanse["anomaly_index"]) == 10 and 0 <= cleanse["suspect"] < 10
+    assert len(cleanse["suspect_mask"]) == 28 and 0 <= cleanse["suspect_mass_near_trigger"] <= 1
+    assert cleanse["unlearning"]["before"]["clean_accuracy"] > 0.5
+    assert strip["n_clean"] == 1500 and 0 <= strip["far"] <= 1 and 0 <= strip["frr"] <= 1
+    assert sum(strip["clean_entropy_histogram"]) == 1500
 
     # Reports: the sweep's and the single experiment's, every section present, plots inlined.
-    # (curves, accuracy vs ASR, examples; the sweep adds ASR vs rate)
-    for source, out_name, plots in ((path, "sweep.html", 4), (trial_cfg, "trial.html", 3)):
+    # (curves, accuracy vs ASR, examples, Neural Cleanse, STRIP; the sweep adds ASR vs rate)
+    for source, out_name, plots in ((path, "sweep.html", 6), (trial_cfg, "trial.html", 5)):
         assert main(["report", str(source), "--out", str(tmp_path / out_name)]) == 0
         page = (tmp_path / out_name).read_text()
         for section in SECTIONS:
             assert f"<h2>{section}</h2>" in page, (out_name, section)
         assert page.count("data:image/png;base64,") == plots, out_name
     assert "Line: mean over seeds" in (tmp_path / "sweep.html").read_text()
-    assert "spectral_signatures" in (tmp_path / "trial.html").read_text()
+    assert all(s in (tmp_path / "trial.html").read_text() for s in ("spectral_signatures", "Neural Cleanse", "STRIP"))
 
 
 def test_report_of_a_run_that_never_ran(tmp_path, mnist_path, capsys):

@@ -110,3 +110,24 @@ def test_the_trigger_must_fit_the_datasets_image():
     assert _cfg(patch, data={"name": "cifar10"}).poison.trigger.row == 29
     with pytest.raises(ConfigError, match="inside the 28x28 image"):
         _cfg(patch)
+
+
+@pytest.mark.parametrize("trigger, message", [
+    ("pixel", "poison.trigger must be a mapping"),
+    ({"kind": ["pixel"]}, "poison.trigger.kind must be one of"),
+])
+def test_a_trigger_that_is_not_a_mapping_of_a_kind_is_named(trigger, message):
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_dict({"poison": {"trigger": trigger}})
+
+
+def test_a_sweep_over_the_trigger_kind_keeps_each_kinds_own_keys(tmp_path):
+    import yaml
+
+    from backdoor_train.sweep import load_sweep
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"poison": {"trigger": {"kind": "pixel", "row": 5}}}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
+        {"name": "kinds", "base": "base.yaml", "grid": {"poison.trigger.kind": ["pixel", "patch", "blend"]}}))
+    triggers = [t.poison.trigger for t in load_sweep(str(tmp_path / "sweep.yaml")).trials]
+    assert triggers == [PixelTrigger(row=5), PatchTrigger(row=5), BlendTrigger()]

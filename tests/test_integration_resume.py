@@ -236,7 +236,10 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         assert re.search(r"storage.retry_seconds=2|AWS Error (NETWORK_CONNECTION|UNKNOWN)|curlCode: (7|28|52|56)",
                          str(failed.value)), failed.value
         out = _output_until(capfd, "retrying for up to 2s (storage.retry_seconds)")
-        assert "retrying for up to 2s (storage.retry_seconds)" in out, out[-3000:]
+        # The worker's retry line can be lost when Ray stops the aborted worker before forwarding
+        # its output (seen once on a loaded machine); the failure itself must then name the bound.
+        assert "retrying for up to 2s (storage.retry_seconds)" in out or \
+            "storage.retry_seconds=2" in str(failed.value), (str(failed.value), out[-3000:])
         thread.join(timeout=60)
         # ... and leaves it resumable: rerun once the storage is back.
         again = run_experiment(cfg)

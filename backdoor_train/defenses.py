@@ -2,7 +2,8 @@
 with ``scaling.use_gpu``), all at once; defense.py launches them and writes detection.json.
 
 * ``activations``: activation clustering and spectral signatures on the training set the
-  model saw, scored against the poison manifest (detect.py);
+  model saw, with the defender's clean images as reference, scored against the poison
+  manifest (detect.py);
 * ``neural_cleanse``: a trigger reverse-engineered per class from the defender's clean images,
   the anomalous class flagged, and the flagged trigger unlearned (cleanse.py), with clean
   accuracy and ASR before and after;
@@ -57,14 +58,14 @@ def run_defense(kind: str, cfg_dict: dict[str, Any], state: dict[str, torch.Tens
     model.load_state_dict(state)
     model.eval()
     train, test = load_splits(cfg)
+    clean, held = split_test(test, cfg.defense.clean_samples)
     if kind == "activations":
         from backdoor_train.detect import detect
         from backdoor_train.poison import build_poisoned
 
         poisoned, _ = build_poisoned(train, cfg.poison, cfg.seed)
-        return detect(model, poisoned, frozenset(poisoned_indices), rate_bound=max(cfg.poison.rate, 1e-4),
+        return detect(model, poisoned, frozenset(poisoned_indices), clean, rate_bound=max(cfg.poison.rate, 1e-4),
                       seed=cfg.seed)
-    clean, held = split_test(test, cfg.defense.clean_samples)
     model.to(device)
     if kind == "strip":
         return _strip(cfg, model, clean, held, device)

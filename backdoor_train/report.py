@@ -183,6 +183,8 @@ def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> st
              _pct(r["chance_precision"])] for m, r in detection["methods"].items()]
     out = _table(["method", "flagged", "true positives", "precision", "recall (TPR)", "FPR",
                   "precision by chance"], rows)
+    if "clean_share_ratio" in detection["methods"].get("activation_clustering", {}):
+        out += _per_label(detection["methods"])
     for method, r in detection.get("retrain", {}).items():
         out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
                 f"({r['remaining_poisoned']} poisoned left): clean accuracy {_pct(r['clean_accuracy'])}, "
@@ -191,6 +193,34 @@ def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> st
         out += _cleanse(detection["neural_cleanse"], cfg, detection.get("defender_clean_samples"))
         out += _strip(detection["strip"])
     return out
+
+
+def _per_label(methods: dict[str, Any]) -> str:
+    """What each detection method decided on, per training label (detect.py)."""
+    import statistics
+
+    import matplotlib.pyplot as plt
+
+    from backdoor_train.detect import REF_RATIO, TAIL_RATIO
+
+    ratio = methods["activation_clustering"]["clean_share_ratio"]
+    tail = methods["spectral_signatures"]["score_tail"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    axes[0].bar(list(ratio), list(ratio.values()), color=["C3" if r < REF_RATIO else "C0" for r in ratio.values()])
+    axes[0].axhline(REF_RATIO, color="k", ls="--", lw=1)
+    axes[0].set_title("activation clustering: clean images' share / training share\n"
+                      f"of the cluster they avoid (flagged < {REF_RATIO:g})", fontsize=9)
+    if tail:
+        median = statistics.median(tail.values()) or 1.0  # all-zero activations: plot them as they are
+        relative = [t / median for t in tail.values()]
+        axes[1].bar(list(tail), relative, color=["C3" if r > TAIL_RATIO else "C0" for r in relative])
+        axes[1].axhline(TAIL_RATIO, color="k", ls="--", lw=1)
+        axes[1].set_yscale("log")
+    axes[1].set_title(f"spectral signatures: score tail over the labels' median\n(flagged > {TAIL_RATIO:g})",
+                      fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("training label")
+    return _png(fig)
 
 
 def _cleanse(found: dict[str, Any], cfg: ExperimentConfig, clean_samples: Optional[int]) -> str:

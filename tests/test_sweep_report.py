@@ -94,6 +94,10 @@ def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
     assert main(["detect", str(trial_cfg), "--retrain", "spectral_signatures"]) == 0
     detection = json.loads((tmp_path / "runs" / "tiny-sweep" / trial / "detection.json").read_text())
     assert set(detection["methods"]) == {"activation_clustering", "spectral_signatures"}
+    # Each method's per-label figure (what the report plots): every label has clean images here.
+    labels = {str(c) for c in range(10)}
+    assert set(detection["methods"]["activation_clustering"]["clean_share_ratio"]) == labels
+    assert set(detection["methods"]["spectral_signatures"]["score_tail"]) == labels
     assert set(detection["retrain"]) == {"spectral_signatures"}
     retrained = detection["retrain"]["spectral_signatures"]
     assert retrained["removed"] == detection["methods"]["spectral_signatures"]["flagged"]
@@ -108,8 +112,9 @@ def test_sweep_detect_retrain_and_reports(tmp_path, mnist_root, capsys):
     assert sum(strip["clean_entropy_histogram"]) == 500
 
     # Reports: the sweep's and the single experiment's, every section present, plots inlined.
-    # (curves, accuracy vs ASR, examples, Neural Cleanse, STRIP; the sweep adds ASR vs rate)
-    for source, out_name, plots in ((path, "sweep.html", 6), (trial_cfg, "trial.html", 5)):
+    # (curves, accuracy vs ASR, examples, detection per label, Neural Cleanse, STRIP; the sweep
+    # adds ASR vs rate)
+    for source, out_name, plots in ((path, "sweep.html", 7), (trial_cfg, "trial.html", 6)):
         assert main(["report", str(source), "--out", str(tmp_path / out_name)]) == 0
         page = (tmp_path / out_name).read_text()
         for section in SECTIONS:

@@ -96,3 +96,14 @@ def test_strip_rejects_triggered_inputs_at_the_chosen_false_rejection_rate():
     assert strip_entropy(model, triggered[:50], calibration, 16).max() < strip_entropy(model, clean[:50],
                                                                                      calibration, 16).min()
     assert 0 <= found["threshold"] <= math.log(10)
+
+
+@pytest.mark.parametrize("scaling, expected", [
+    ({"use_gpu": False, "cpus_per_worker": 2}, {"num_cpus": 2}),
+    ({"use_gpu": True, "cpus_per_worker": 1, "gpus_per_worker": 0.5}, {"num_cpus": 1, "num_gpus": 0.5}),
+])
+def test_each_defense_task_asks_for_a_training_workers_resources(scaling, expected):
+    from backdoor_train.config import ExperimentConfig
+    from backdoor_train.defenses import remote_options
+
+    assert remote_options(ExperimentConfig.from_dict({"scaling": scaling})) == expected

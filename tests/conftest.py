@@ -168,7 +168,9 @@ class OutageProxy:
     """A TCP proxy on a loopback port in front of a server, which can go down: ``outage(s)``
     closes its listening socket and every open connection, refuses connections for ``s``
     seconds, then listens again on the same port. A storage outage as clients see one (a MinIO
-    pod restarting), with the server's data kept."""
+    pod restarting), with the server's data kept. ``outage_on(marker, s)`` arms one that begins
+    when a client sends ``marker`` (an object key in a request): it meets that request for
+    sure, where an outage started on a timer may fall between a fast run's writes."""
 
     def __init__(self, upstream_port: int) -> None:
         import threading
@@ -179,6 +181,8 @@ class OutageProxy:
         self.conns: list = []
         self.listener = None
         self.closed = False
+        self.trigger: tuple[bytes, float] | None = None
+        self.restored = threading.Event()
         self._listen()
 
     def _listen(self) -> None:
@@ -208,16 +212,23 @@ class OutageProxy:
                 continue
             with self.lock:
                 self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, upstream in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, upstream), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src, dst) -> None:
+    def _pipe(self, src, dst, upstream: bool) -> None:
         import socket
 
+        tail = b""  # a marker may straddle two reads
         try:
             while data := src.recv(65536):
+                if upstream and self.trigger and self.trigger[0] in tail + data:
+                    with self.lock:
+                        trigger, self.trigger = self.trigger, None
+                    if trigger:  # this request is not forwarded: the outage meets it
+                        self._begin_outage(trigger[1])
+                        break
                 dst.sendall(data)
+                tail = data[-256:]
         except OSError:
             pass
         for s in (src, dst):
@@ -239,13 +250,24 @@ class OutageProxy:
                 pass
             sock.close()
 
-    def outage(self, seconds: float) -> None:
+    def outage_on(self, marker: str, seconds: float) -> None:
+        self.restored.clear()
+        with self.lock:
+            self.trigger = (marker.encode(), seconds)
+
+    def _begin_outage(self, seconds: float) -> None:
+        import threading
         import time
 
         self._drop_all()
-        time.sleep(seconds)
-        if not self.closed:
-            self._listen()
+
+        def restore() -> None:
+            time.sleep(seconds)
+            if not self.closed:
+                self._listen()
+            self.restored.set()
+
+        threading.Thread(target=restore, daemon=True).start()
 
     def close(self) -> None:
         self.closed = True

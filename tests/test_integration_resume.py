@@ -194,19 +194,6 @@ def _output_until(capfd, text: str, timeout: float = 20) -> str:
     return out
 
 
-def _outage_when(s3_server, bucket: str, key: str, seconds: float, proxy: OutageProxy) -> threading.Thread:
-    """A thread that takes ``proxy`` down for ``seconds`` once ``key`` is in the bucket."""
-    def watch() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and key not in bucket_keys(s3_server, bucket, key):
-            time.sleep(0.1)
-        proxy.outage(seconds)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         ray_cluster, s3_env, s3_server, mnist_root, capfd, monkeypatch):
     from backdoor_train.fitting import FitFailed
@@ -217,11 +204,11 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
     # workers: all of them reach the bucket through the proxy.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     try:
-        # 1. A 3-second outage right after the first checkpoint: the next uploads, Ray's snapshot
-        #    and the driver's writes wait it out; the run completes (max_failures 0: no restart).
-        thread = _outage_when(s3_server, bucket, "runs/blip/poisoned/checkpoint_epoch_0001/state.pt.sha256", 3, proxy)
+        # 1. A 3-second outage that meets the second checkpoint's upload: it, Ray's snapshot and
+        #    the driver's writes wait it out; the run completes (max_failures 0: no restart).
+        proxy.outage_on("/runs/blip/poisoned/checkpoint_epoch_0002", 3)
         result = run_experiment(_cfg(mnist_root, bucket, "blip", epochs=4, max_failures=0))
-        thread.join(timeout=30)
+        assert proxy.restored.is_set(), "the outage never began"
         out = _output_until(capfd, "retrying for up to 60s (storage.retry_seconds)")
         assert "retrying for up to 60s (storage.retry_seconds)" in out, out[-3000:]
         assert [h["epoch"] for h in result["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
@@ -229,7 +216,7 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         # 2. An outage longer than storage.retry_seconds ends the run (exit 1 from the CLI) ...
         cfg = _cfg(mnist_root, bucket, "long", epochs=4, max_failures=0)
         short = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, retry_seconds=2))
-        thread = _outage_when(s3_server, bucket, "runs/long/poisoned/checkpoint_epoch_0001/state.pt.sha256", 10, proxy)
+        proxy.outage_on("/runs/long/poisoned/checkpoint_epoch_0002", 10)
         with pytest.raises(FitFailed) as failed:
             run_experiment(short)
         # Whichever write met the outage first ended it: a worker's upload or Ray's snapshot.
@@ -240,7 +227,7 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         # its output (seen once on a loaded machine); the failure itself must then name the bound.
         assert "retrying for up to 2s (storage.retry_seconds)" in out or \
             "storage.retry_seconds=2" in str(failed.value), (str(failed.value), out[-3000:])
-        thread.join(timeout=60)
+        assert proxy.restored.wait(timeout=60)
         # ... and leaves it resumable: rerun once the storage is back.
         again = run_experiment(cfg)
         out = capfd.readouterr().out

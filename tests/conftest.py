@@ -165,12 +165,13 @@ def bucket_keys(server, bucket: str, prefix: str = "") -> list[str]:
 
 
 class OutageProxy:
-    """A TCP proxy on a loopback port in front of a server, which can go down: ``outage(s)``
-    closes its listening socket and every open connection, refuses connections for ``s``
-    seconds, then listens again on the same port. A storage outage as clients see one (a MinIO
-    pod restarting), with the server's data kept. ``outage_on(marker, s)`` arms one that begins
-    when a client sends ``marker`` (an object key in a request): it meets that request for
-    sure, where an outage started on a timer may fall between a fast run's writes."""
+    """A TCP proxy on a loopback port in front of a server, which can go down: once a client
+    sends the marker armed by ``outage_on(marker, s)`` (an object key in a request), it closes
+    its listening socket and every open connection, refuses connections for ``s`` seconds,
+    then listens again on the same port (``restored`` is set). A storage outage as clients see
+    one (a MinIO pod restarting), with the server's data kept; triggered by the request, it
+    meets that request for sure, where one started on a timer may fall between a fast run's
+    writes."""
 
     def __init__(self, upstream_port: int) -> None:
         import threading

@@ -204,8 +204,9 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
     # workers: all of them reach the bucket through the proxy.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     try:
-        # 1. A 3-second outage that meets the second checkpoint's upload: it, Ray's snapshot and
-        #    the driver's writes wait it out; the run completes (max_failures 0: no restart).
+        # 1. A 3-second outage that meets the second checkpoint's upload: the upload, and any
+        #    other write that meets it (Ray's snapshot), waits it out; the run completes
+        #    (max_failures 0: no restart).
         proxy.outage_on("/runs/blip/poisoned/checkpoint_epoch_0002", 3)
         result = run_experiment(_cfg(mnist_root, bucket, "blip", epochs=4, max_failures=0))
         assert proxy.restored.is_set(), "the outage never began"

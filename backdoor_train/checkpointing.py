@@ -5,6 +5,14 @@ finished epochs, RNG states and the metrics history) and ``state.pt.sha256``. Lo
 verifies the checksum first, so a truncated or altered file is refused with its path
 instead of silently resuming from garbage. Uploads write the checksum last, so an upload cut
 short is an incomplete checkpoint, never a valid-looking one.
+
+The checksum is no proof of origin: it sits in the same bucket, and whoever can write one
+writes both. So ``state.pt`` holds only tensors and plain types (the numpy RNG state as a
+tensor) and is read with ``torch.load(weights_only=True)``, whose unpickler resolves no global
+outside torch's allowlist: a planted pickle that calls ``os.system`` is refused
+(``UnsafeCheckpointError``, exit 2) before it can run. Checkpoints of earlier releases, whose
+numpy RNG state is a pickled ``ndarray``, load through the same safe path with numpy's array
+reconstruction (and nothing else of numpy) allowed.
 """
 
 from __future__ import annotations
@@ -28,8 +36,20 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint's files are missing or do not match their checksum."""
 
 
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A stored file's pickle names something a checkpoint or model never holds (it could run
+    code): refused unread. Never fallen back from like a corrupt one: someone wrote it."""
+
+
+STATE_KEYS = ("model", "optimizer", "epochs_done", "rng", "history")
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # A tensor and plain types, so that weights_only loading reads it back (an ndarray is a global).
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,7 +57,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple: a checkpoint of an earlier release
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -84,13 +108,53 @@ def load_state(directory: str, map_location: Optional[str | torch.device] = "cpu
         raise CorruptCheckpointError(
             f"checkpoint {directory}: {STATE_FILE} has sha256 {actual[:16]}…, "
             f"its checksum file says {expected[:16]}…")
-    return state_from_bytes(data, map_location)
+    return state_from_bytes(data, map_location, where=state_path)
 
 
-def state_from_bytes(data: bytes, map_location: Optional[str | torch.device] = "cpu") -> dict[str, Any]:
-    """A checkpoint's state from ``state.pt`` bytes whose checksum was verified."""
-    # weights_only=False: the state holds numpy RNG state; the checksum vouches for the bytes.
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+def _legacy_numpy_globals() -> list[Any]:
+    """What a pickled 1-D ``uint32`` ndarray (the numpy RNG state of earlier releases) names:
+    numpy's array reconstruction, ``ndarray`` and its dtype; nothing that calls out."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_torch_load(data: bytes, where: str, map_location: Optional[str | torch.device] = "cpu",
+                    legacy_numpy: bool = False) -> Any:
+    """``torch.load`` that cannot run code: ``weights_only=True`` (tensors, containers and plain
+    types only). A pickle naming anything else raises ``UnsafeCheckpointError`` naming ``where``;
+    any other unreadable file ``CorruptCheckpointError``."""
+    import pickle
+
+    allowed = _legacy_numpy_globals() if legacy_numpy else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch words it "Weights only load failed ... Unsupported global: GLOBAL posix.system ...".
+        named = re.search(r"[^\n.]*GLOBAL [^\n]*", str(exc), re.IGNORECASE)
+        if named is None:  # not a global: bytes that are no pickle of ours (garbage, truncation)
+            raise CorruptCheckpointError(f"{where}: unreadable (not a torch file: {str(exc).splitlines()[-1][:200]})") \
+                from None
+        raise UnsafeCheckpointError(
+            f"{where}: refused unread: it is not a plain tensor file ({named.group(0).strip()}); loading it could "
+            f"run code. Someone with write access to the storage wrote it: delete it and check who can write "
+            f"the bucket") from None
+    except Exception as exc:  # truncated, not a torch file at all
+        raise CorruptCheckpointError(f"{where}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def state_from_bytes(data: bytes, map_location: Optional[str | torch.device] = "cpu",
+                     where: str = STATE_FILE) -> dict[str, Any]:
+    """A checkpoint's state from ``state.pt`` bytes whose checksum was verified, read with
+    ``safe_torch_load`` (``where``: the file, for the error)."""
+    state = safe_torch_load(data, where, map_location, legacy_numpy=True)
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise CorruptCheckpointError(f"{where}: not a checkpoint of this product (it needs the keys "
+                                     f"{', '.join(STATE_KEYS)})")
+    return state
 
 
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_epoch_(\d{4,})(-[0-9a-f]+)?$")
@@ -121,7 +185,7 @@ def load_with_fallback(checkpoint: Any, log: Callable[[str], None]) -> tuple[dic
         raise CorruptCheckpointError(f"checkpoint {checkpoint.path} is incomplete and there is no valid one "
                                      f"before it: refusing to continue — delete the run folder or use a new name")
     key, data = found
-    state = state_from_bytes(data)
+    state = state_from_bytes(data, where=f"{parent}/{key}/{STATE_FILE}")
     if key == name:
         return state, checkpoint, False
     return state, Checkpoint(path=f"{parent}/{key}", filesystem=checkpoint.filesystem), True
@@ -167,6 +231,9 @@ def newest_valid_checkpoint(storage: Any, prefix: str, log: Callable[[str], None
                 f"falling back to the previous checkpoint")
             continue
         if checksum_matches(data, expected):
+            # Parsed here too, so that the driver (planning the resume) refuses a planted pickle
+            # with exit 2 before any worker starts; UnsafeCheckpointError is never fallen back from.
+            state_from_bytes(data, where=storage.key_uri(f"{directory}/{STATE_FILE}"))
             return directory, data
         problems.append(f"{storage.key_uri(directory)}: checksum mismatch")
         log(f"WARNING: checkpoint {storage.key_uri(directory)} does not match its checksum; "

@@ -43,9 +43,21 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides, seeds)
 
 
+def _ip_address(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address of this machine (e.g. 127.0.0.1)") from None
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
+    p.add_argument("--listen", type=_ip_address, default="127.0.0.1", metavar="IP",
+                   help="the address a new local Ray instance listens on (default: %(default)s, this machine "
+                        "only; another address is reachable from the network: token authentication stays on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,10 +146,10 @@ def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
     return cfg
 
 
-def _ray_init(address: Optional[str]) -> None:
+def _ray_init(args: argparse.Namespace) -> None:
     from backdoor_train.raysession import connect
 
-    connect(address)
+    connect(args.address, listen=args.listen)
     _handle_sigterm()  # again: ray.init installs its own handler, which aborts the process
 
 
@@ -154,7 +166,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from backdoor_train.summary import format_results
 
     cfg = _preflight(_load(args), resuming_check=True)
-    _ray_init(args.address)
+    _ray_init(args)
     if cfg.seeds:
         results = _running(lambda: run_seeds(cfg, log=_say))
         print(json.dumps(results, indent=1) if args.json else "\n" + format_seed_results(results), flush=True)
@@ -169,7 +181,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config, args.overrides)
     _preflight(sweep.base, resuming_check=False)
-    _ray_init(args.address)
+    _ray_init(args)
     summary = _running(lambda: run_sweep(sweep, log=_say))
     print("\n" + format_summary(summary) + f"\n\nsummary: {summary['summary_uri']}", flush=True)
     return EXIT_FAILED if summary["failures"] else 0
@@ -185,7 +197,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                           "experiment use --set seeds=[] --set seed=N --set storage.path=<path>/<name> "
                           "--set name=seed-N")
     cfg = _preflight(cfg, resuming_check=False)
-    _ray_init(args.address)  # the defenses run as Ray tasks
+    _ray_init(args)  # the defenses run as Ray tasks
     report = _running(lambda: run_detection(cfg, retrain=list(dict.fromkeys(args.retrain)), log=_say))
     _say(f"detection results: {report['detection_uri']}")
     return 0
@@ -282,11 +294,13 @@ def _handle_sigterm() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from backdoor_train.raysession import apply_driver_env
+    from backdoor_train.raysession import apply_driver_env, prepare_local_cluster, target_of
 
     apply_driver_env()
     _handle_sigterm()
     args = build_parser().parse_args(argv)
+    if hasattr(args, "listen") and target_of(args.address) == "local":
+        prepare_local_cluster(args.listen)  # before anything imports ray, which reads it then
     try:
         return COMMANDS[args.command](args)
     except _bad_input_errors() as exc:

@@ -28,7 +28,7 @@ VARIANTS = ("clean", "poisoned")
 SELECTIONS = ("article", "numpy")
 MAX_INT = 2**53  # integers a JSON reader (config.json, results.json) holds exactly
 MAX_SEEDS = 10_000  # each seed is a whole experiment: more is a typo, not a plan
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -398,7 +398,7 @@ def read_yaml(path: str, what: str = "config file") -> Any:
 
 def check_name(value: Any, key: str) -> None:
     """Names become folders and Ray run names: letters, digits, '_', '.', '-' only."""
-    check(isinstance(value, str) and bool(_NAME_RE.match(value)),
+    check(isinstance(value, str) and bool(_NAME_RE.fullmatch(value)),  # match() lets "x\n" pass
            f"{key} must be 1-100 characters of letters, digits, '_', '.', '-' (got {value!r})")
 
 

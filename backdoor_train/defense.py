@@ -20,7 +20,7 @@ from backdoor_train.evaluate import build_eval_sets, full_evaluation
 from backdoor_train.experiment import absolute_paths
 from backdoor_train.fitting import FitSpec, fit_variants
 from backdoor_train.poison import build_poisoned, dataset_sha256
-from backdoor_train.runlock import acquire_run_lock
+from backdoor_train.runlock import run_lock
 from backdoor_train.runstore import MANIFEST, RunStore
 from backdoor_train.storage import StorageError, open_storage
 from backdoor_train.train import restore_model, without
@@ -33,11 +33,8 @@ def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
     cfg = absolute_paths(cfg)
     storage = open_storage(cfg.storage)
     storage.check()
-    lock = acquire_run_lock(storage, cfg.name, uuid.uuid4().hex[:12])  # it writes into the run's folder
-    try:
+    with run_lock(storage, cfg.name, uuid.uuid4().hex[:12]):  # it writes into the run's folder
         return _detect_locked(cfg, storage, retrain, log)
-    finally:
-        lock.release()
 
 
 def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],

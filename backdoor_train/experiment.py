@@ -16,7 +16,7 @@ from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
 from backdoor_train.metrics import make_run_metrics
 from backdoor_train.poison import build_poisoned
 from backdoor_train.resume import ResumePlan, plan_resume
-from backdoor_train.runlock import acquire_run_lock
+from backdoor_train.runlock import run_lock
 from backdoor_train.runstore import CONFIG, RESULTS, RunStore
 from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.train import restore_model
@@ -137,11 +137,8 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
     storage = open_storage(cfg.storage)
     storage.check()
     run_id = uuid.uuid4().hex[:12]
-    lock = acquire_run_lock(storage, cfg.name, run_id)  # one run of a name at a time
-    try:
+    with run_lock(storage, cfg.name, run_id):  # one run of a name at a time
         return _run_locked(cfg, storage, run_id, log)
-    finally:
-        lock.release()
 
 
 def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> dict[str, Any]:

@@ -127,6 +127,8 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     in the variant's run folder) when Ray has no run snapshot to resume from."""
     import ray.train
 
+    from backdoor_train.rendezvous import StoreBoundTorchConfig
+
     apply_train_env()
     storage_path, filesystem = storage.ray_storage()
     resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
@@ -137,6 +139,7 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
         train_loop_config={"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
                            "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,
                            "exclude": list(spec.exclude), "resume_from": resume_from},
+        torch_config=StoreBoundTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -11,12 +11,21 @@ Two things every command that trains needs from Ray, and that Ray's defaults get
   cluster on the same machine, can ask the wrong one, see the controller missing and remove a
   healthy run's placement group. ``connect`` pins ``RAY_API_SERVER_ADDRESS`` to this cluster's
   own dashboard in the job's runtime environment, which every actor of the job inherits.
+
+And one thing a local cluster needs for safety (Ray's Jobs API and its workers run whatever code
+a client sends them, by design): a cluster that ``connect`` starts listens on the loopback
+address only, unless the user names another (``--listen``, with a warning), and has Ray's token
+authentication on, with a token made for this run that lives only in the environment of the
+cluster's own processes (never in a file, never printed).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import socket
+import sys
 from typing import Any, Optional
 
 # Defaults only: a value the user exported wins.
@@ -35,6 +44,14 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 # "[seed-1/poisoned] epoch 3/10 ..." look alike and one variant's progress vanished; the
 # project's own lines ("[<name>] ..." / "[<name>/<variant>] ...") are never deduplicated.
 DRIVER_ENV = {"RAY_DEDUP_LOGS_ALLOW_REGEX": r"^\[[\w.-]+(/[\w.-]+)?\] "}
+
+
+LOOPBACK = "127.0.0.1"
+# Ray picks a machine's routable address as its node address and then binds its servers (GCS,
+# raylet, workers, agents) to it or to every interface; with this set to 0 it takes the loopback
+# address instead, as it does on macOS and Windows, and every server binds 127.0.0.1.
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+AUTH_MODE_ENV, AUTH_TOKEN_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"
 
 
 class ClusterError(RuntimeError):
@@ -61,25 +78,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_to_driver: bool = True) -> None:
+def _local_cluster_env(listen: str) -> dict[str, str]:
+    """What a local cluster's processes need in their environment (they inherit the driver's):
+    loopback binding unless ``listen`` is another address, and token authentication (unless the
+    user exported another ``RAY_AUTH_MODE``: ``connect`` warns then)."""
+    env = dict(LOCAL_ONLY_ENV) if listen == LOOPBACK else {}
+    if os.environ.get(AUTH_MODE_ENV, "token") == "token":
+        env[AUTH_MODE_ENV] = "token"
+        if not (os.environ.get(AUTH_TOKEN_ENV) or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            env[AUTH_TOKEN_ENV] = secrets.token_hex(32)  # 256 bits, as Ray's own generator
+    return env
+
+
+def target_of(address: Optional[str]) -> str:
+    """The cluster ``connect`` joins: ``address``, else ``RAY_ADDRESS``, else "local" (a new one)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def prepare_local_cluster(listen: str = LOOPBACK) -> None:
+    """Put a local cluster's settings into this process's environment. Ray reads them once, when
+    it is imported, so this must run before ``import ray``: the CLI calls it as soon as it knows
+    that the command starts a cluster; ``connect`` calls it again (then a no-op)."""
+    if "ray" not in sys.modules:
+        os.environ.update(_local_cluster_env(listen))
+
+
+def _unsecured_warning(listen: str) -> Optional[str]:
+    """Why the local cluster about to start is open to the network, if it is: ``RAY_AUTH_MODE``
+    exported as something else, or ray imported before ``prepare_local_cluster`` (a notebook)."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    if os.environ.get(AUTH_MODE_ENV, "token") != "token":
+        return f"{AUTH_MODE_ENV}={os.environ[AUTH_MODE_ENV]} was exported: the local Ray cluster has no token " \
+               f"authentication"
+    missing = []
+    if listen == LOOPBACK and ray_constants.ENABLE_RAY_CLUSTER:
+        missing.append("listens on every interface")
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        missing.append("has no token authentication")
+    if not missing:
+        return None
+    return (f"ray was imported before backdoor_train.raysession.prepare_local_cluster(), so the local Ray "
+            f"cluster {' and '.join(missing)}")
+
+
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_to_driver: bool = True,
+            listen: str = LOOPBACK) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); without either, start a new local
-    one. Does nothing when this process is already connected (tests, notebooks)."""
+    one listening on ``listen`` (loopback by default) with token authentication. Does nothing
+    when this process is already connected (tests, notebooks)."""
+    target = target_of(address)
+    if target == "local":
+        prepare_local_cluster(listen)
     import ray
 
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
     if target not in ("local", "auto"):
         probe(target)  # Ray itself retries an unreachable address for minutes
     pinned = os.environ.get(API_SERVER_ENV)
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
     try:
         if target == "local":
+            every = ipaddress.ip_address(listen).is_unspecified
+            if listen != LOOPBACK:
+                print(f"WARNING: the local Ray cluster listens on {listen} (--listen): whoever reaches it "
+                      f"and holds its token can run code on this machine", file=sys.stderr)
+            unsecured = _unsecured_warning(listen)
+            if unsecured:
+                print(f"WARNING: {unsecured}: anyone who reaches it can run code on this machine", file=sys.stderr)
             # A dashboard port of our choosing, so that its address is known before the start.
             port = free_port()
-            api = pinned or f"http://127.0.0.1:{port}"
+            api = pinned or f"http://{LOOPBACK if every else listen}:{port}"
+            # 0.0.0.0 is no node address: Ray then advertises the machine's routable one.
+            node_ip = {} if every else {"_node_ip_address": listen}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
-                     runtime_env={"env_vars": {API_SERVER_ENV: api}}, **kwargs)
+                     dashboard_host=listen, runtime_env={"env_vars": {API_SERVER_ENV: api}}, **node_ip, **kwargs)
             return
         context = ray.init(address=target, **kwargs)
         if pinned is None and context.dashboard_url:

@@ -8,18 +8,24 @@ holds it (run id, host, pid, start) so the refusal can say so.
 * Local storage: an ``fcntl`` lock on the file. The kernel releases it when the holding process
   dies, however it dies, so a killed run never blocks the next one.
 * S3: the object is created only if absent (``If-None-Match: *``, AWS S3 and MinIO) and its
-  holder rewrites it every ``HEARTBEAT_S``. A lock not rewritten for ``STALE_AFTER_S`` belongs to
-  a run that died without releasing it and is taken over.
+  holder rewrites it every ``HEARTBEAT_S``, each write conditioned on the ETag of its own last
+  one (``If-Match``). A lock not rewritten for ``STALE_AFTER_S`` belongs to a run that died
+  without releasing it and is taken over by one PUT conditioned on the stale lock's ETag: of two
+  runs taking it over at once exactly one wins. A holder whose conditioned beat fails has lost
+  the lock (an outage longer than ``STALE_AFTER_S`` let another run take it): it stops its
+  fits and ends with ``RunLockLost`` (exit 1), writing nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from backdoor_train.runstore import RunStore
 
@@ -39,8 +45,14 @@ def describe_holder(holder: dict[str, Any]) -> str:
             f"started {started})")
 
 
+class RunLockLost(RuntimeError):
+    """Another run took this run's S3 lock over: the run stopped writing (exit 1)."""
+
+
 class RunLock:
-    """A held lock; ``release`` gives it back (idempotent)."""
+    """A held lock; ``release`` gives it back (idempotent). ``lost``: why it was lost, if it was."""
+
+    lost: Optional[str] = None
 
     def release(self) -> None:
         raise NotImplementedError
@@ -93,10 +105,12 @@ def local_holder(path: str) -> Optional[dict[str, Any]]:
 
 
 class S3RunLock(RunLock):
-    """Rewrites its object every ``HEARTBEAT_S`` until released."""
+    """Rewrites its object every ``HEARTBEAT_S`` until released, each time only if it is still
+    the object this lock wrote last (its ETag); ``on_lost`` is called once when it is not."""
 
-    def __init__(self, storage: Any, key: str, info: dict[str, Any]) -> None:
-        self.key, self.info = key, dict(info)
+    def __init__(self, storage: Any, key: str, info: dict[str, Any], etag: str,
+                 on_lost: Optional[Callable[[], None]] = None) -> None:
+        self.key, self.info, self.etag, self.on_lost = key, dict(info), etag, on_lost
         # A beat gives up retrying before release() stops waiting for it, or it could write the
         # lock again after release deleted it; release rides out an outage until the lock would
         # be stale anyway, so that a run ended by an outage leaves its name free to rerun.
@@ -107,18 +121,30 @@ class S3RunLock(RunLock):
         self.thread.start()
 
     def _beat(self) -> None:
+        last_renewed = time.time()
         while not self.stop.wait(HEARTBEAT_S):
             self.info["heartbeat_at"] = time.time()
             try:
-                # Never over another run's lock: after an outage longer than STALE_AFTER_S another
-                # run may have taken it over.
-                if self.beat_storage.read_json(self.key).get("run_id") != self.info["run_id"]:
-                    print(f"WARNING: the run lock {self.storage.key_uri(self.key)} now belongs to another run "
-                          f"(this one could not renew it for {STALE_AFTER_S:.0f} s)", flush=True)
-                    return
-                self.beat_storage.write_text(self.key, json.dumps(self.info))
+                etag = self.beat_storage.replace_if_match(self.key, json.dumps(self.info).encode(), self.etag)
             except Exception:  # an outage: the next beat tries again; 60 s of them makes it stale
-                pass
+                continue
+            if etag is None:  # never over another run's lock: the condition failed, nothing written
+                self._lose(time.time() - last_renewed)
+                return
+            self.etag, last_renewed = etag, time.time()
+
+    def _lose(self, unrenewed_s: float) -> None:
+        try:
+            holder = describe_holder(self.beat_storage.read_json(self.key))
+        except Exception:
+            holder = "nobody (it was deleted)"
+        self.lost = (f"the run lock {self.storage.key_uri(self.key)} now belongs to {holder}: it was taken over "
+                     f"{unrenewed_s:.0f} s after this run last renewed it (a lock is stale after "
+                     f"{STALE_AFTER_S:.0f} s), so this run stopped its training and wrote no results; its "
+                     f"committed checkpoints are kept")
+        print(f"ERROR: {self.lost}", flush=True)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def release(self) -> None:
         if self.stop.is_set():
@@ -127,10 +153,11 @@ class S3RunLock(RunLock):
         # A beat in flight may take as long as one S3 request can (boto3's timeouts, ~60 s):
         # deleting before it lands would let it write the lock again.
         self.thread.join(timeout=HEARTBEAT_S + 90)
+        if self.lost:
+            return
         try:
-            if self.storage.read_json(self.key).get("run_id") == self.info["run_id"]:
-                self.storage.delete(self.key)
-        except Exception:  # gone already, or unreachable: it goes stale by itself
+            self.storage.delete_if_match(self.key, self.etag)  # only the object this lock wrote
+        except Exception:  # unreachable: it goes stale by itself
             pass
 
 
@@ -142,23 +169,38 @@ def s3_holder(storage: Any, key: str) -> Optional[dict[str, Any]]:
         holder = storage.read_json(key)
     except Exception:
         return None
-    if time.time() - float(holder.get("heartbeat_at", 0)) > STALE_AFTER_S:
-        return None
-    return holder
+    return None if _stale(holder) else holder
 
 
-def acquire_s3(storage: Any, key: str, info: dict[str, Any]) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
+def _stale(holder: dict[str, Any]) -> bool:
+    try:
+        return time.time() - float(holder.get("heartbeat_at", 0)) > STALE_AFTER_S
+    except (TypeError, ValueError):
+        return True
+
+
+def acquire_s3(storage: Any, key: str, info: dict[str, Any],
+               on_lost: Optional[Callable[[], None]] = None) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
     body = json.dumps(info).encode()
-    if storage.create_if_absent(key, body):
-        return S3RunLock(storage, key, info), None
-    holder = s3_holder(storage, key)
-    if holder is not None:
+    etag = storage.create_if_absent(key, body)
+    if etag:
+        return S3RunLock(storage, key, info, etag, on_lost), None
+    try:
+        data, stale_etag = storage.read_with_etag(key)
+        holder = json.loads(data)
+        holder = holder if isinstance(holder, dict) else {}
+    except ValueError:  # not JSON: nobody's live lock
+        holder = {}
+    except Exception:  # released between our create and read: try once more
+        etag = storage.create_if_absent(key, body)
+        return (S3RunLock(storage, key, info, etag, on_lost), None) if etag else (None, s3_holder(storage, key) or {})
+    if not _stale(holder):
         return None, holder
-    # Stale: its run died without releasing it. Take it over; of two runs doing so at once the
-    # second create fails and that run is refused.
-    storage.delete(key)
-    if storage.create_if_absent(key, body):
-        return S3RunLock(storage, key, info), None
+    # Stale: its run died without releasing it. One PUT conditioned on the stale object's ETag:
+    # of two runs taking it over at once, the second finds the ETag changed and is refused.
+    etag = storage.replace_if_match(key, body, stale_etag)
+    if etag:
+        return S3RunLock(storage, key, info, etag, on_lost), None
     return None, s3_holder(storage, key) or {}
 
 
@@ -177,18 +219,62 @@ def refuse_if_running(storage: Any, name: str) -> None:
         raise _locked(storage, name, holder)
 
 
-def acquire_run_lock(storage: Any, name: str, run_id: str) -> RunLock:
-    """Take the lock of experiment ``name``; a ``RunLockedError`` naming the holder if taken."""
+def acquire_run_lock(storage: Any, name: str, run_id: str,
+                     on_lost: Optional[Callable[[], None]] = None) -> RunLock:
+    """Take the lock of experiment ``name``; a ``RunLockedError`` naming the holder if taken.
+    ``on_lost``: called (from the heartbeat thread) if another run takes the S3 lock over."""
     from backdoor_train.storage import LocalStorage
 
     info = holder_info(run_id)
     if isinstance(storage, LocalStorage):
         lock, holder = acquire_local(storage.path_of(RunStore(storage, name).lock_key()), info)
     else:
-        lock, holder = acquire_s3(storage, RunStore(storage, name).lock_key(), info)
+        lock, holder = acquire_s3(storage, RunStore(storage, name).lock_key(), info, on_lost)
     if lock is None:
         raise _locked(storage, name, holder or {})
     return lock
+
+
+class _LockLostInterrupt(KeyboardInterrupt):
+    """Raised in the main thread when the lock is lost: a KeyboardInterrupt, so every running
+    fit is aborted exactly as on Ctrl-C; ``run_lock`` turns it into ``RunLockLost``."""
+
+
+# A signal of the product's own, not SIGINT: a driver started in the background by a shell has
+# SIGINT ignored, and a real signal (unlike ``_thread.interrupt_main``) also wakes a blocking call.
+_LOST_SIGNAL = signal.SIGUSR2
+
+
+def _on_lost_signal(signum: int, frame: Any) -> None:
+    raise _LockLostInterrupt()
+
+
+@contextlib.contextmanager
+def run_lock(storage: Any, name: str, run_id: str) -> Iterator[RunLock]:
+    """The run lock of ``name`` held for the block. If it is lost, the main thread is
+    interrupted (the fits are aborted as on Ctrl-C) and the block ends in ``RunLockLost``."""
+    # Only the main thread can take a signal; elsewhere the loss is raised when the block ends.
+    main = threading.current_thread() is threading.main_thread()
+    on_lost = None
+    if main:
+        previous = signal.signal(_LOST_SIGNAL, _on_lost_signal)
+        main_ident = threading.main_thread().ident
+        on_lost = lambda: signal.pthread_kill(main_ident, _LOST_SIGNAL)  # noqa: E731
+    try:
+        lock = acquire_run_lock(storage, name, run_id, on_lost=on_lost)
+        try:
+            yield lock
+        except KeyboardInterrupt:
+            if lock.lost:
+                raise RunLockLost(lock.lost) from None
+            raise
+        finally:
+            lock.release()
+    finally:
+        if main:
+            signal.signal(_LOST_SIGNAL, previous)
+    if lock.lost:  # lost as the block ended: its last writes may have raced the new holder
+        raise RunLockLost(lock.lost)
 
 
 def _locked(storage: Any, name: str, holder: dict[str, Any]) -> Exception:

@@ -122,10 +122,20 @@ class RunStore:
         """``variant``'s final model, built as ``cfg`` says (architecture, dataset)."""
         from backdoor_train.model import build_model
 
+        from backdoor_train.checkpointing import CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load
+
         data = self.storage.read_bytes(self.key(variant, MODEL))
         model = build_model(cfg.model.arch, cfg.dataset)
         try:
-            model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu"))
+            state = safe_torch_load(data, self.uri(variant, MODEL))  # a planted pickle cannot run
+        except UnsafeCheckpointError:
+            raise
+        except CorruptCheckpointError:
+            state = None
+        try:
+            if not isinstance(state, dict):
+                raise TypeError("not a state dict")
+            model.load_state_dict(state)
         except Exception as exc:  # truncated file, another architecture: the stored model is unusable
             raise StorageError(f"{self.uri(variant, MODEL)} is corrupt or of another model.arch "
                                f"({type(exc).__name__}): rerun the experiment") from None

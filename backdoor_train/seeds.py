@@ -24,7 +24,7 @@ from typing import Any, Callable
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.experiment import absolute_paths, check_existing_run, record_config, refuse_other_setting
 from backdoor_train.fitting import check_cluster
-from backdoor_train.runlock import acquire_run_lock, refuse_if_running
+from backdoor_train.runlock import refuse_if_running, run_lock
 from backdoor_train.runstore import RunStore, child_path
 from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
@@ -105,8 +105,7 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict
     storage = open_storage(cfg.storage)
     storage.check()
     # The whole, for its config.json and results.json; each seed's run takes its own as well.
-    lock = acquire_run_lock(storage, cfg.name, uuid.uuid4().hex[:12])
-    try:
+    with run_lock(storage, cfg.name, uuid.uuid4().hex[:12]):
         check_existing_run(cfg, storage, log)
         children = seed_experiments(cfg)
         check_seed_folders(children)
@@ -116,8 +115,6 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict
         results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
         out = aggregate(cfg, results, failures, started)
         uri = RunStore(storage, cfg.name).write_results(out)
-    finally:
-        lock.release()
     out["results_uri"] = uri
     return out
 

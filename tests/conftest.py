@@ -2,7 +2,7 @@
 
 A test that uses real MNIST, moto_server or Ray (through the fixtures below) is marked
 ``integration`` here, so ``pytest -m "not integration"`` runs the pure unit tests alone,
-without the MNIST files."""
+without the MNIST files or any system binary (promtool, prometheus, kubectl)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ def mnist_splits(mnist_root):
     return MNIST.load(mnist_root, True), MNIST.load(mnist_root, False)
 
 
-# Fixtures that bring in real data or a real server: a test using one is an integration test.
-INTEGRATION_FIXTURES = {"mnist_root", "mnist_splits", "s3_server", "s3_env"}
+# Fixtures that bring in real data, a real server or a system binary (test_deploy's
+# ``rendered`` runs kubectl): a test using one is an integration test, so that
+# ``-m "not integration"`` passes on a machine with only Python.
+INTEGRATION_FIXTURES = {"mnist_root", "mnist_splits", "s3_server", "s3_env", "rendered"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -404,6 +404,7 @@ def _selects(selector: dict, labels: dict) -> bool:
     return ok
 
 
+@pytest.mark.integration  # kubectl: a system binary
 def test_monitors_select_the_pods_by_their_port_names_and_a_release_label(tmp_path):
     docs = _render_with_monitoring(tmp_path)
     templates = []

@@ -55,6 +55,7 @@ def test_metrics_off_is_the_no_op_base():
     assert type(make_run_metrics(cfg, "r1")) is RunMetrics
 
 
+@pytest.mark.integration  # promtool: a system binary
 def test_exposition_passes_promtool_and_carries_the_labels():
     sink = PrometheusWorkerMetrics("exp", "run1", "poisoned", rank=1, port=0)
     sink.set_poisoned_samples(600)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -77,3 +78,90 @@ def test_the_s3_lock_is_exclusive_beats_and_goes_stale(s3_env, monkeypatch):
     lock = acquire_run_lock(storage, "exp", "taker")
     assert storage.read_json("exp/run.lock")["run_id"] == "taker"
     lock.release()
+
+
+def _stale_lock(storage, key: str = "exp/run.lock") -> None:
+    dead = {**runlock.holder_info("dead-run"), "heartbeat_at": time.time() - runlock.STALE_AFTER_S - 1}
+    storage.write_text(key, json.dumps(dead))
+
+
+@pytest.mark.integration
+def test_two_runs_taking_over_a_stale_lock_at_once_one_wins(s3_env, monkeypatch):
+    """Both takers read the stale lock (and its ETag) before either writes: the interleaving
+    in which delete-then-create let both win. The ETag-conditioned PUT lets exactly one."""
+    import threading
+
+    storage = open_storage(StorageConfig(path=f"s3://{s3_env}/runs"))
+    _stale_lock(storage)
+    both_read = threading.Barrier(2, timeout=20)
+    stale, waited = runlock._stale, set()
+
+    def stale_then_wait(holder):  # acquire_s3 asks once it has read the lock and its ETag
+        if threading.current_thread().name not in waited:
+            waited.add(threading.current_thread().name)
+            both_read.wait()
+        return stale(holder)
+
+    monkeypatch.setattr(runlock, "_stale", stale_then_wait)
+    outcomes: dict[str, object] = {}
+
+    def take(run_id: str) -> None:
+        try:
+            outcomes[run_id] = acquire_run_lock(storage, "exp", run_id)
+        except StorageError as exc:
+            outcomes[run_id] = exc
+
+    threads = [threading.Thread(target=take, args=(f"taker-{i}",)) for i in (1, 2)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    won = [r for r, o in outcomes.items() if isinstance(o, runlock.RunLock)]
+    lost = [o for o in outcomes.values() if isinstance(o, StorageError)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert storage.read_json("exp/run.lock")["run_id"] == won[0]
+    assert f"is being run right now by run {won[0]}" in str(lost[0])
+    outcomes[won[0]].release()
+    assert not storage.exists("exp/run.lock")
+
+
+@pytest.mark.integration
+def test_a_run_that_loses_its_lock_stops_and_never_writes_over_the_new_holder(s3_env, monkeypatch):
+    storage = open_storage(StorageConfig(path=f"s3://{s3_env}/runs"))
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
+    started = time.monotonic()
+    with pytest.raises(runlock.RunLockLost, match=r"the run lock s3://.*/runs/exp/run.lock now belongs to run "
+                                                   r"new-holder .*stopped its training and wrote no results"):
+        with runlock.run_lock(storage, "exp", "old-holder"):
+            # Another run took the lock over (as after an outage longer than STALE_AFTER_S).
+            storage.write_text("exp/run.lock", json.dumps(runlock.holder_info("new-holder")))
+            time.sleep(30)  # the training: interrupted by the heartbeat that finds the lock gone
+    assert time.monotonic() - started < 10
+    time.sleep(0.5)  # no beat and no release of the old holder touches the new holder's lock
+    assert storage.read_json("exp/run.lock")["run_id"] == "new-holder"
+
+
+@pytest.mark.integration
+def test_a_lock_lost_in_a_run_ends_it_with_exit_1_and_one_line(s3_env, mnist_root, tmp_path, capsys, monkeypatch):
+    """The whole path through the CLI (real local Ray): the driver's main thread is interrupted
+    while it trains, the run ends with exit 1 and one line."""
+    from backdoor_train import cli, experiment
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
+    storage = open_storage(StorageConfig(path=f"s3://{s3_env}/runs"))
+
+    def training(cfg, storage_, run_id, log):
+        storage.write_text("exp/run.lock", json.dumps(runlock.holder_info("new-holder")))
+        time.sleep(60)
+
+    monkeypatch.setattr(experiment, "_run_locked", training)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "exp", "data": {"root": mnist_root, "train_samples": 600},
+                                    "storage": {"path": f"s3://{s3_env}/runs"},
+                                    "scaling": {"num_workers": 1, "cpus_per_worker": 1}}))
+    # Short, for Ray's socket paths; private, so another cluster on the machine is not joined.
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rl", dir="/tmp"))
+    code = main(["run", str(path), "--address", "local"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAILED, err
+    ours = [line for line in err.splitlines() if line.startswith("backdoor-train:")]
+    assert len(ours) == 1 and "now belongs to run new-holder" in ours[0] and "Traceback" not in err, err
+    assert storage.read_json("exp/run.lock")["run_id"] == "new-holder"

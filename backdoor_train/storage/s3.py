@@ -201,20 +201,62 @@ class S3Storage(Storage):
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data), key)
 
-    def create_if_absent(self, key: str, data: bytes) -> bool:
-        """One PUT that succeeds only if ``key`` does not exist yet (``If-None-Match: *``);
-        False when it does. AWS S3 and MinIO honour the condition."""
+    def create_if_absent(self, key: str, data: bytes) -> Optional[str]:
+        """One PUT that succeeds only if ``key`` does not exist yet (``If-None-Match: *``): the
+        new object's ETag, or None when it exists. AWS S3 and MinIO honour the condition."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace_if_match(self, key: str, data: bytes, etag: str) -> Optional[str]:
+        """One PUT that succeeds only while ``key`` still has ``etag`` (``If-Match``, AWS S3
+        since 2024 and MinIO): the new ETag, or None when another writer changed or deleted it.
+        Of two writers holding the same ETag exactly one wins: the atomic step of a takeover."""
+        return self._conditional_put(key, data, IfMatch=etag)
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str]:
+        """``key``'s bytes and the ETag they have, from one GET (read and ETag agree)."""
+        def get() -> tuple[bytes, str]:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read(), resp["ETag"]
+        return self._call(get, key)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete ``key`` only while it has ``etag``; False when it changed (someone else's now)
+        or is gone."""
         from botocore.exceptions import ClientError
 
+        def delete() -> bool:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=etag)
+                return True
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                    return False
+                raise
+        return self._call(delete, key)
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> Optional[str]:
+        from botocore.exceptions import ClientError
+
+        def put() -> Optional[str]:
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)["ETag"]
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                    return None
+                raise
+
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                return False
-            raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+            etag = retry_transient(put, f"S3 request for {self.key_uri(key)}", self.retry_seconds, log=print)
         except Exception as exc:
             raise explain_s3_error(exc, self.settings, self.key_uri(key)) from None
+        if etag is None and self.retry_seconds:
+            # A retried PUT whose first attempt landed meets its own write: that is a success.
+            try:
+                current, current_etag = self.read_with_etag(key)
+            except StorageError:
+                return None
+            return current_etag if current == data else None
+        return etag
 
     def delete(self, key: str) -> None:
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)), key)

@@ -270,7 +270,10 @@ def upload_checkpoint(local_dir: str, dir_name: str, retry_seconds: float) -> An
     except Exception as exc:
         # Ray retries an upload whose error names a transient AWS error: ours already did, for
         # the whole bound, so the error must not name one (or the bound would triple).
-        detail = "the storage stayed unreachable or failing" if is_transient(exc) else f"{type(exc).__name__}: {exc}"
-        raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed after "
-                           f"storage.retry_seconds={retry_seconds:g}: {detail}") from None
+        # The bound is named only where retries ran: an error waiting cannot cure failed at once.
+        if is_transient(exc):
+            raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed for storage.retry_seconds="
+                               f"{retry_seconds:g}: the storage stayed unreachable or failing") from None
+        raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed: {type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())}") from None
     return ray.train.Checkpoint(path=dest, filesystem=fs)

@@ -55,6 +55,9 @@ def _ip_address(text: str) -> str:
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray instance)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the workers' tracebacks of a failed fit (default: one line, the tracebacks "
+                        "in a file it names; also BACKDOOR_TRAIN_DEBUG=1)")
     p.add_argument("--listen", type=_ip_address, default="127.0.0.1", metavar="IP",
                    help="the address a new local Ray instance listens on (default: %(default)s, this machine "
                         "only; another address is reachable from the network: token authentication stays on)")
@@ -270,7 +273,12 @@ def _running(fn: Callable[[], Any]) -> Any:
     except _bad_input_errors():
         raise
     except Exception as exc:
-        raise _RunFailed(f"{type(exc).__name__}: {exc}") from exc
+        from backdoor_train.failures import FitFailed
+        from backdoor_train.runlock import RunLockLost
+
+        # These say what happened in their own words; any other error is named by its type.
+        raise _RunFailed(str(exc) if isinstance(exc, (FitFailed, RunLockLost)) else
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 COMMANDS = {"check": _cmd_check, "run": _cmd_run, "sweep": _cmd_sweep, "detect": _cmd_detect,
@@ -294,11 +302,14 @@ def _handle_sigterm() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from backdoor_train.failures import DEBUG_ENV, debug
     from backdoor_train.raysession import apply_driver_env, prepare_local_cluster, target_of
 
     apply_driver_env()
     _handle_sigterm()
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        os.environ[DEBUG_ENV] = "1"  # before the cluster starts: its workers read it
     if hasattr(args, "listen") and target_of(args.address) == "local":
         prepare_local_cluster(args.listen)  # before anything imports ray, which reads it then
     try:
@@ -310,6 +321,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"backdoor-train: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except _RunFailed as exc:
+        detail = getattr(exc.__cause__, "detail", "")
+        if detail and debug():
+            print(detail, file=sys.stderr)
         print(f"backdoor-train: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig, StorageConfig
+from backdoor_train.failures import FitFailed, fit_failed
 from backdoor_train.raysession import apply_train_env, fits_at_once
 from backdoor_train.resume import prepare_resume, write_snapshot
 from backdoor_train.runstore import RunStore
@@ -35,10 +36,6 @@ class FitSpec:
     train_sha256: str
     n_poisoned: int
     exclude: tuple[int, ...] = ()
-
-
-class FitFailed(RuntimeError):
-    """A variant's training failed; the other variants were stopped."""
 
 
 def _abortable_trainer_class() -> type:
@@ -219,7 +216,7 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
                 exc = future.exception()
                 if exc is not None:
                     abort_all()
-                    raise FitFailed(f"{spec.variant}: {type(exc).__name__}: {exc}") from exc
+                    raise fit_failed(spec.variant, exc, storage, store, [s.variant for s in specs]) from exc
                 checkpoint, timing = future.result()
                 on_done(spec, checkpoint, timing)
     except BaseException:

@@ -90,6 +90,24 @@ def _local_cluster_env(listen: str) -> dict[str, str]:
     return env
 
 
+def logs_dir() -> Optional[str]:
+    """Ray's logs folder of this node's session (None when not connected)."""
+    import ray
+
+    node = ray._private.worker._global_node  # Ray's private API: the session's folders
+    return node.get_logs_dir_path() if node is not None else None
+
+
+def _job_env(api: str) -> dict[str, str]:
+    """The job's runtime environment variables: every actor and worker of the job gets them."""
+    from backdoor_train.failures import DEBUG_ENV
+
+    env = {API_SERVER_ENV: api}
+    if os.environ.get(DEBUG_ENV):
+        env[DEBUG_ENV] = os.environ[DEBUG_ENV]
+    return env
+
+
 def target_of(address: Optional[str]) -> str:
     """The cluster ``connect`` joins: ``address``, else ``RAY_ADDRESS``, else "local" (a new one)."""
     return address or os.environ.get("RAY_ADDRESS") or "local"
@@ -154,15 +172,15 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
             # 0.0.0.0 is no node address: Ray then advertises the machine's routable one.
             node_ip = {} if every else {"_node_ip_address": listen}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
-                     dashboard_host=listen, runtime_env={"env_vars": {API_SERVER_ENV: api}}, **node_ip, **kwargs)
+                     dashboard_host=listen, runtime_env={"env_vars": _job_env(api)}, **node_ip, **kwargs)
             return
         context = ray.init(address=target, **kwargs)
         if pinned is None and context.dashboard_url:
             # The dashboard's address is known only once connected: join again with it pinned.
             ray.shutdown()
             url = context.dashboard_url
-            ray.init(address=target, runtime_env={"env_vars": {API_SERVER_ENV: url if "://" in url else
-                                                               "http://" + url}}, **kwargs)
+            ray.init(address=target, runtime_env={"env_vars": _job_env(url if "://" in url else "http://" + url)},
+                     **kwargs)
     except Exception as exc:  # ConnectionError and friends, depending on the address form
         raise ClusterError(f"cannot reach the Ray cluster at {target!r}: {exc}") from None
 

@@ -22,6 +22,7 @@ from backdoor_train.checkpointing import (checkpoint_dir_name, load_state, load_
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.data import Split, to_float
 from backdoor_train.evaluate import build_eval_sets, eval_counts
+from backdoor_train.failures import quiet_worker_tracebacks
 from backdoor_train.model import build_model, unwrap
 from backdoor_train.poison import build_poisoned
 
@@ -90,6 +91,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     setup_started = time.perf_counter()
     _quiet_report_log()
+    quiet_worker_tracebacks()  # the driver says why in one line and keeps the traceback
     cfg = ExperimentConfig.from_dict(loop_config["experiment"])
     variant: str = loop_config["variant"]
     ctx = ray.train.get_context()

@@ -30,7 +30,10 @@ class LocalStorage(Storage):
             raise StorageError(f"storage.path: cannot write to {self.root!r}: {exc.strerror or exc}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        atomic_write_local(self._path(key), data)
+        try:
+            atomic_write_local(self._path(key), data)
+        except OSError as exc:  # a full disk, say: an operational failure (exit 1) that names the file
+            raise OSError(exc.errno, f"writing {self.key_uri(key)}: {exc.strerror or exc}") from None
 
     def read_bytes(self, key: str) -> bytes:
         try:

@@ -1,0 +1,115 @@
+"""A failed fit in one line: cause, variant, what was kept; tracebacks only in a file or with --debug."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import yaml
+
+from backdoor_train.checkpointing import CHECKSUM_FILE, STATE_FILE
+from backdoor_train.failures import cause_of, fit_failed, kept_checkpoints
+from backdoor_train.runstore import RunStore
+from backdoor_train.storage import LocalStorage
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _worker_error(exc: BaseException, traceback_text: str):
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    return WorkerGroupError("[Rank 0 Error Snippet]:\n" + traceback_text,
+                            {0: UserExceptionWithTraceback(exc, traceback_text)})
+
+
+def test_the_cause_is_the_workers_exception_not_rays_wrapper():
+    from backdoor_train.storage import StorageError
+
+    exc = StorageError("uploading checkpoint checkpoint_epoch_0001 to /d/runs/x/clean/checkpoint_epoch_0001 "
+                       "failed: OSError: [Errno 28] No space left on device")
+    cause = cause_of(_worker_error(exc, "Traceback (most recent call last):\n  File ...\nStorageError: ..."))
+    assert cause.startswith("no space left on the device under /d/runs/x/clean/checkpoint_epoch_0001")
+    assert "Traceback" not in cause and "\n" not in cause
+    diverged = cause_of(_worker_error(FloatingPointError("training loss became nan in epoch 1"), "Traceback ..."))
+    assert diverged == "FloatingPointError: training loss became nan in epoch 1"
+
+
+def test_a_lost_worker_is_told_as_such():
+    from ray.exceptions import ActorDiedError
+
+    assert cause_of(_worker_error(ActorDiedError(), "")).startswith("a training worker's process or node was lost")
+
+
+def test_what_was_kept_is_each_variants_newest_committed_checkpoint(tmp_path):
+    storage = LocalStorage(str(tmp_path))
+    store = RunStore(storage, "exp")
+    for folder, files in {"checkpoint_epoch_0001": (STATE_FILE, CHECKSUM_FILE),
+                          "checkpoint_epoch_0002": (STATE_FILE, CHECKSUM_FILE),
+                          "checkpoint_epoch_0003": (STATE_FILE,)}.items():  # 3: its checksum never landed
+        for name in files:
+            storage.write_bytes(f"{store.variant_prefix('clean')}/{folder}/{name}", b"x")
+    assert kept_checkpoints(storage, store, ["clean", "poisoned"]) == "clean: epoch 2, poisoned: no checkpoint"
+
+
+def test_the_line_names_the_variant_and_the_file_holding_the_traceback(tmp_path, monkeypatch):
+    from backdoor_train import raysession
+
+    monkeypatch.setattr(raysession, "logs_dir", lambda: str(tmp_path))
+    storage = LocalStorage(str(tmp_path / "runs"))
+    failed = fit_failed("poisoned", _worker_error(ValueError("boom"), "Traceback (most recent call last):\nX\n"),
+                        storage, RunStore(storage, "exp"), ["clean", "poisoned"])
+    line = str(failed)
+    assert line.startswith("poisoned: ValueError: boom; kept for a rerun: clean: no checkpoint, poisoned: no "
+                           "checkpoint; the workers' tracebacks: " + str(tmp_path)), line
+    assert "\n" not in line and "Traceback (most recent call last)" in open(failed.log_path).read()
+
+
+@pytest.fixture
+def small_disk():
+    """A 3 MiB tmpfs: room for the run's small files, not for a checkpoint (real ENOSPC)."""
+    path = tempfile.mkdtemp(prefix="full", dir="/tmp")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", path], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", path], check=True)
+
+
+@pytest.mark.integration
+def test_a_full_disk_ends_the_run_in_one_line_and_debug_shows_the_traceback(small_disk, mnist_root, tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "full", "data": {"root": mnist_root, "train_samples": 6000, "test_samples": 1000},
+        "train": {"epochs": 3}, "storage": {"path": os.path.join(small_disk, "runs")},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "BACKDOOR_TRAIN_DEBUG"))}
+    env["BACKDOOR_TRAIN_CACHE_DIR"] = str(tmp_path / "cache")
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short, for Ray's socket paths
+        return subprocess.run([os.path.join(BIN, "backdoor-train"), "run", str(config), "--address", "local",
+                               *extra], env=env, capture_output=True, text=True, timeout=300)
+
+    quiet = run()
+    assert quiet.returncode == 1, quiet.stderr[-3000:]
+    ours = [line for line in quiet.stderr.splitlines() if line.startswith("backdoor-train: run failed")]
+    assert len(ours) == 1, quiet.stderr[-3000:]
+    assert "Traceback" not in quiet.stdout + quiet.stderr, quiet.stderr[-3000:]
+    line = ours[0]
+    assert "no space left on the device under " + small_disk in line, line
+    assert "retry_seconds" not in line  # it failed at once: no retry bound to speak of
+    assert "kept for a rerun: clean: no checkpoint, poisoned: no checkpoint" in line, line
+    path = line.rsplit("the workers' tracebacks: ", 1)[1]
+    assert "Traceback (most recent call last)" in open(path).read()
+
+    shutil.rmtree(os.path.join(small_disk, "runs", "full"))  # room again for the small files
+    loud = run("--debug")
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr, loud.stderr[-3000:]
+    assert "backdoor-train: run failed: full" not in loud.stderr  # (sanity: the variant leads the line)
+    assert "\nbackdoor-train: run failed: clean: no space left" in loud.stderr or \
+        "\nbackdoor-train: run failed: poisoned: no space left" in loud.stderr, loud.stderr[-3000:]

@@ -79,7 +79,7 @@ class PrometheusWorkerMetrics(WorkerMetrics):
         self.last_success = make(Gauge, "last_success_timestamp_seconds",
                                  "Unix time of the last successfully finished run.")
         self.status.state("running")
-        self.port, self._server = _serve(self.registry, port)
+        self.port, self._server = _serve(self.registry, port, node_address())
 
     def set_poisoned_samples(self, n: int) -> None:
         self.poisoned.set(n)
@@ -123,16 +123,25 @@ class _Status:
             child.set(1 if state == current else 0)
 
 
-def _serve(registry: Any, port: int) -> tuple[int, Any]:
-    """Serve ``registry`` on ``port``; if that port is taken, on a free one (and say which)."""
+def node_address() -> str:
+    """The address this Ray node is reached at (the pod's IP on Kubernetes, the loopback address
+    on a laptop's local cluster), where Prometheus scrapes; loopback outside Ray."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def _serve(registry: Any, port: int, addr: str) -> tuple[int, Any]:
+    """Serve ``registry`` on ``addr:port`` (not every interface, prometheus-client's default);
+    if that port is taken, on a free one (and say which)."""
     from prometheus_client import start_http_server
 
     try:
-        server, _ = start_http_server(port, registry=registry)
+        server, _ = start_http_server(port, addr=addr, registry=registry)
     except OSError as exc:
         if port == 0:
             raise
-        server, _ = start_http_server(0, registry=registry)
+        server, _ = start_http_server(0, addr=addr, registry=registry)
         print(f"metrics: port {port} is taken ({exc.strerror}); serving on {server.server_port} instead",
               flush=True)
     return server.server_port, server

@@ -116,6 +116,7 @@ def test_a_local_run_listens_on_loopback_only_and_asks_for_a_token(mnist_root, t
     config.write_text(yaml.safe_dump({
         "name": "exposed", "data": {"root": mnist_root, "train_samples": 6000, "test_samples": 1000},
         "train": {"epochs": 2}, "storage": {"path": str(tmp_path / "runs")},
+        "metrics": {"enabled": True, "port": 0},  # the workers' /metrics servers count too
         "scaling": {"num_workers": 1, "cpus_per_worker": 1}}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER", "RAY_ENABLE_WINDOWS"))}

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -86,7 +87,12 @@ def wait_for_staged(storage: Any, uri: str, spec: DatasetSpec, wait_seconds: flo
     deadline, said = time.monotonic() + wait_seconds, False
     while True:
         try:
-            return json.loads(storage.read_text(staged_manifest(spec)))
+            text = storage.read_text(staged_manifest(spec))
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise DataError(f"data.root: {storage.key_uri(staged_manifest(spec))} is not JSON: stage the "
+                                f"data again") from None
         except StorageError as exc:
             left = deadline - time.monotonic()
             if exc.kind not in ("missing", "unreachable") or left <= 0:
@@ -100,6 +106,23 @@ def wait_for_staged(storage: Any, uri: str, spec: DatasetSpec, wait_seconds: flo
             time.sleep(min(5.0, left))
 
 
+def staged_keys(spec: DatasetSpec) -> set[str]:
+    """The keys ``stage_data`` writes for ``spec`` (besides the manifest)."""
+    return {f"{spec.folder}/{name}.gz" for name in spec.files}
+
+
+def check_staged_manifest(manifest: Any, spec: DatasetSpec, where: str) -> dict[str, str]:
+    """``manifest`` if it is what ``stage_data`` writes: exactly ``spec``'s keys, each with a
+    sha256. Its keys become local paths, so a bucket's writer must not choose them (a key
+    ``../../.bashrc`` would write outside the cache)."""
+    ok = isinstance(manifest, dict) and set(manifest) == staged_keys(spec) and all(
+        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in manifest.values())
+    if not ok:
+        raise DataError(f"data.root: {where} is not a manifest of {spec.title} as stage-data writes it (it must "
+                        f"map exactly {', '.join(sorted(staged_keys(spec)))} to sha256 digests): stage the data again")
+    return manifest
+
+
 def _fetch_staged(uri: str, spec: DatasetSpec, wait_seconds: float = 0.0) -> str:
     """Download the staged copy at ``uri`` into this node's cache (once); return the local root."""
     from backdoor_train.storage.s3 import S3Storage, split_s3_uri
@@ -111,7 +134,8 @@ def _fetch_staged(uri: str, spec: DatasetSpec, wait_seconds: float = 0.0) -> str
     storage = S3Storage(uri, retry_seconds=0)
     with open(os.path.join(local_root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = wait_for_staged(storage, uri, spec, wait_seconds)
+        manifest = check_staged_manifest(wait_for_staged(storage, uri, spec, wait_seconds), spec,
+                                         storage.key_uri(staged_manifest(spec)))
         for key, digest in sorted(manifest.items()):
             dest = os.path.join(local_root, *key.split("/"))
             if os.path.isfile(dest):

@@ -9,6 +9,15 @@ from __future__ import annotations
 import os
 
 import pytest
+# Imported before any test runs the CLI in this process: Ray reads its authentication and
+# node-address settings once, at import, so an in-process `main(["run", ...])` that imported it
+# first would leave this whole process (and every `ray start` a later test spawns with its
+# environment) in token mode. In-process CLI runs get the warning that their local cluster is
+# open instead; the loopback binding and token of a real command are tested in a subprocess
+# (test_exposure.py). And Ray's console log handler keeps the sys.stderr it found at import: had a
+# test with capsys imported it, later tests' Ray log lines would go to that closed stream and print
+# "--- Logging error ---" with a traceback (seen in CI, failing test_runlock's one-line check).
+import ray  # noqa: F401
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.raysession import free_port

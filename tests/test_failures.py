@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,7 +81,7 @@ def small_disk():
 
 
 @pytest.mark.integration
-def test_a_full_disk_ends_the_run_in_one_line_and_debug_shows_the_traceback(small_disk, mnist_root, tmp_path):
+def test_a_full_disk_ends_the_run_in_one_line(small_disk, mnist_root, tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({
         "name": "full", "data": {"root": mnist_root, "train_samples": 6000, "test_samples": 1000},
@@ -90,12 +90,9 @@ def test_a_full_disk_ends_the_run_in_one_line_and_debug_shows_the_traceback(smal
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "BACKDOOR_TRAIN_DEBUG"))}
     env["BACKDOOR_TRAIN_CACHE_DIR"] = str(tmp_path / "cache")
 
-    def run(*extra: str) -> subprocess.CompletedProcess:
-        env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short, for Ray's socket paths
-        return subprocess.run([os.path.join(BIN, "backdoor-train"), "run", str(config), "--address", "local",
-                               *extra], env=env, capture_output=True, text=True, timeout=300)
-
-    quiet = run()
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short, for Ray's socket paths
+    quiet = subprocess.run([os.path.join(BIN, "backdoor-train"), "run", str(config), "--address", "local"],
+                           env=env, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 1, quiet.stderr[-3000:]
     ours = [line for line in quiet.stderr.splitlines() if line.startswith("backdoor-train: run failed")]
     assert len(ours) == 1, quiet.stderr[-3000:]
@@ -107,9 +104,25 @@ def test_a_full_disk_ends_the_run_in_one_line_and_debug_shows_the_traceback(smal
     path = line.rsplit("the workers' tracebacks: ", 1)[1]
     assert "Traceback (most recent call last)" in open(path).read()
 
-    shutil.rmtree(os.path.join(small_disk, "runs", "full"))  # room again for the small files
-    loud = run("--debug")
-    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr, loud.stderr[-3000:]
-    assert "backdoor-train: run failed: full" not in loud.stderr  # (sanity: the variant leads the line)
-    assert "\nbackdoor-train: run failed: clean: no space left" in loud.stderr or \
-        "\nbackdoor-train: run failed: poisoned: no space left" in loud.stderr, loud.stderr[-3000:]
+
+def test_debug_prints_the_workers_tracebacks_and_keeps_rays_log_of_them(monkeypatch, capsys):
+    from backdoor_train import cli, failures
+
+    monkeypatch.setattr(failures, "_RAY_TRAIN_ERROR_LOGGER", "test.train.util")
+    record = logging.LogRecord("test.train.util", logging.ERROR, __file__, 1, "Error in training function:\nTB",
+                               None, None)
+    monkeypatch.setenv(failures.DEBUG_ENV, "0")  # off; and --debug's "1" is undone after the test
+    failures.quiet_worker_tracebacks()
+    assert not logging.getLogger("test.train.util").filter(record)  # dropped: the driver keeps it
+
+    def failing(args):
+        raise failures.FitFailed("clean: ValueError: boom; kept for a rerun: clean: no checkpoint",
+                                 detail="Traceback (most recent call last):\n  File x\nValueError: boom")
+
+    monkeypatch.setitem(cli.COMMANDS, "run", lambda args: cli._running(lambda: failing(args)))
+    assert cli.main(["run", "x.yaml", "--address", "auto"]) == cli.EXIT_FAILED
+    quiet = capsys.readouterr().err
+    assert quiet == "backdoor-train: run failed: clean: ValueError: boom; kept for a rerun: clean: no checkpoint\n"
+    assert cli.main(["run", "x.yaml", "--address", "auto", "--debug"]) == cli.EXIT_FAILED
+    loud = capsys.readouterr().err
+    assert loud.startswith("Traceback (most recent call last):") and loud.endswith(quiet), loud

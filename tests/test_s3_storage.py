@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -114,6 +115,23 @@ def test_staged_file_that_does_not_match_its_manifest_is_refused(s3_env, s3_serv
     cfg = ExperimentConfig.from_dict({"data": {"root": f"s3://{s3_env}/mnist"}})
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz does not match its sha256"):
         load_splits(cfg)
+
+
+@pytest.mark.parametrize("manifest", [
+    "{not json", "[1, 2]", '{"MNIST/raw/train-images-idx3-ubyte.gz": "00"}',
+    # Keys become local paths: a bucket's writer must not choose where the node writes.
+    json.dumps({f"../../../../../escaped-{i}": hashlib.sha256(b"x").hexdigest() for i in range(4)})])
+def test_a_planted_staged_manifest_is_refused_and_writes_nothing_outside_the_cache(
+        s3_env, s3_server, tmp_path, monkeypatch, manifest):
+    monkeypatch.setenv("BACKDOOR_TRAIN_CACHE_DIR", str(tmp_path / "a" / "b" / "cache"))
+    client = fresh_s3_client(s3_server)
+    for i in range(4):  # S3 keeps ".." in a key as it is
+        client.put_object(Bucket=s3_env, Key=f"evil/../../../../../escaped-{i}", Body=b"x")
+    client.put_object(Bucket=s3_env, Key="evil/mnist_manifest.json", Body=manifest.encode())
+    cfg = ExperimentConfig.from_dict({"data": {"root": f"s3://{s3_env}/evil"}})
+    with pytest.raises(DataError, match=r"^data.root: s3://.*/evil/mnist_manifest.json (is not JSON|is not a manifest)"):
+        load_splits(cfg)
+    assert not [p for p in tmp_path.rglob("escaped-*")]
 
 
 def test_unstaged_data_root_says_what_to_do(s3_env):

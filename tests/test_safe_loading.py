@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -26,13 +27,14 @@ from backdoor_train.storage import LocalStorage
 
 
 class _RunsCommand:
-    """A pickle that, when unpickled by a full unpickler, runs ``touch marker``."""
+    """A pickle that, when unpickled by a full unpickler, runs a shell command creating ``marker``
+    (with this Python, so that the unit tests need no other program)."""
 
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+        return os.system, (f"{sys.executable} -c \"open('{self.marker}', 'w').close()\"",)
 
 
 def _malicious_state(marker: str) -> bytes:

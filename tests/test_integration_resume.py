@@ -223,6 +223,9 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         # Whichever write met the outage first ended it: a worker's upload or Ray's snapshot.
         assert re.search(r"storage.retry_seconds=2|AWS Error (NETWORK_CONNECTION|UNKNOWN)|curlCode: (7|28|52|56)",
                          str(failed.value)), failed.value
+        # One line: the variant, the cause, what a rerun resumes from (the traceback in a file).
+        assert re.match(r"(clean|poisoned): .*; kept for a rerun: (clean|poisoned): ", str(failed.value)) and \
+            "\n" not in str(failed.value) and "Traceback" not in str(failed.value), str(failed.value)
         out = _output_until(capfd, "retrying for up to 2s (storage.retry_seconds)")
         # The worker's retry line can be lost when Ray stops the aborted worker before forwarding
         # its output (seen once on a loaded machine); the failure itself must then name the bound.

@@ -85,10 +85,18 @@ def test_dockerfile_is_hadolint_clean_and_pinned(flavor):
     lint = subprocess.run([_tool("hadolint"), path], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     text = open(path).read()
-    # One CUDA stack on GPU: the torch wheel's, on Ray's CUDA-free image (no -gpu / -cuXY base).
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY_VERSION)}-py311-cpu$", text, re.M)
+    # One CUDA stack on GPU: the torch wheel's, on Ray's CUDA-free image (no -gpu / -cuXY base);
+    # a build arg only so that a stand-in can be named where the registry is out of reach.
+    assert re.search(rf"^ARG BASE_IMAGE=rayproject/ray:{re.escape(RAY_VERSION)}-py311-cpu\nFROM \$\{{BASE_IMAGE\}}$",
+                     text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://(download\.pytorch\.org/whl/cpu|pypi\.org/simple)$", text, re.M)
+    assert ("download.pytorch.org/whl/cpu" in text) == (flavor == "cpu")
+    assert re.search(r"^ARG MNIST_SOURCE=download$", text, re.M)
     # MNIST is fetched before the code is copied: code changes reuse its layer.
-    assert text.index("torchvision.datasets.MNIST") < text.index("COPY ")
+    assert text.index("fetch_mnist.py") < text.index("COPY --chown=1000:100 constraints.txt")
+    # WORKDIR creates a missing folder as root (Buildah, Kaniko, the classic builder): the user makes it first.
+    workdir = re.search(r"^WORKDIR (\S+)$", text, re.M)
+    assert workdir and re.search(rf"^RUN mkdir -p {re.escape(workdir.group(1))}$", text[:workdir.start()], re.M)
     for pkg in ("torch", "torchvision"):
         assert f"{pkg}=={PINS[pkg]}" in text
     users = re.findall(r"^USER (\S+)$", text, re.M)
@@ -120,7 +128,7 @@ def test_dockerignore_admits_only_what_the_images_copy():
     for flavor in ("cpu", "gpu"):
         text = open(os.path.join(REPO_ROOT, "docker", f"Dockerfile.{flavor}")).read()
         for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
-            copied |= set(src.split())
+            copied |= {item.rstrip("/") for item in src.split()}
     assert admitted == copied
 
 

@@ -271,9 +271,12 @@ def upload_checkpoint(local_dir: str, dir_name: str, retry_seconds: float) -> An
         # Ray retries an upload whose error names a transient AWS error: ours already did, for
         # the whole bound, so the error must not name one (or the bound would triple).
         # The bound is named only where retries ran: an error waiting cannot cure failed at once.
-        if is_transient(exc):
+        if is_transient(exc) and retry_seconds > 0:
             raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed for storage.retry_seconds="
                                f"{retry_seconds:g}: the storage stayed unreachable or failing") from None
+        if is_transient(exc):  # retry_seconds 0: no retry ran, so no bound to name
+            raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed: the storage was unreachable "
+                               f"or failing (storage.retry_seconds=0: not retried)") from None
         raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())}") from None
     return ray.train.Checkpoint(path=dest, filesystem=fs)

@@ -119,9 +119,10 @@ def check_cluster(cfg: ExperimentConfig, wanted: int = 1, total: dict[str, float
 
 
 def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id: str,
-                 resume_from: str | None = None) -> Any:
-    """The trainer of ``spec``; its workers load checkpoint ``resume_from`` (a folder name
-    in the variant's run folder) when Ray has no run snapshot to resume from."""
+                 resume_from: str | None = None, fit_index: int = 0, fits: int = 1) -> Any:
+    """The trainer of ``spec``, fit ``fit_index`` of the ``fits`` launched together (their
+    workers' metrics ports interleave); its workers load checkpoint ``resume_from`` (a folder
+    name in the variant's run folder) when Ray has no run snapshot to resume from."""
     import ray.train
 
     from backdoor_train.rendezvous import StoreBoundTorchConfig
@@ -135,7 +136,8 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
                            "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,
-                           "exclude": list(spec.exclude), "resume_from": resume_from},
+                           "exclude": list(spec.exclude), "resume_from": resume_from,
+                           "fit_index": fit_index, "fits": fits},
         torch_config=StoreBoundTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
@@ -181,7 +183,8 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
     store = RunStore(storage, cfg.name)
     plans = {s.variant: prepare_resume(storage, store.variant_prefix(s.variant), s.variant, log,
                                        (planned or {}).get(s.variant)) for s in specs}
-    trainers = {s.variant: make_trainer(cfg, s, storage, run_id, plans[s.variant].checkpoint) for s in specs}
+    trainers = {s.variant: make_trainer(cfg, s, storage, run_id, plans[s.variant].checkpoint, i, len(specs))
+                for i, s in enumerate(specs)}
     stopping = threading.Event()
 
     def fit(spec: FitSpec) -> tuple[Any, dict[str, float]]:

@@ -147,12 +147,22 @@ def _serve(registry: Any, port: int, addr: str) -> tuple[int, Any]:
     return server.server_port, server
 
 
+def worker_port(base: int, local_rank: int, fit_index: int = 0, fits: int = 1) -> int:
+    """The port of one worker's /metrics: ``base`` for the first fit's first worker on a node.
+
+    The fits launched together (clean and poisoned) can put workers on the same node (the
+    gpu overlay puts both models in one pod), and each fit numbers its local ranks from 0:
+    interleaving by fit gives every worker of a node its own port, and the node's first worker
+    of fit k the port ``base + k``, the ports the manifests declare and scrape (9100, 9101).
+    0 asks for any free port."""
+    return base + local_rank * fits + fit_index if base else 0
+
+
 def make_worker_metrics(cfg: ExperimentConfig, run_id: str, variant: str, rank: int,
-                        local_rank: int) -> WorkerMetrics:
+                        local_rank: int, fit_index: int = 0, fits: int = 1) -> WorkerMetrics:
     if not cfg.metrics.enabled:
         return WorkerMetrics()
-    # Workers sharing a node take consecutive ports so none clashes; 0 asks for any free port.
-    port = cfg.metrics.port + local_rank if cfg.metrics.port else 0
+    port = worker_port(cfg.metrics.port, local_rank, fit_index, fits)
     sink = PrometheusWorkerMetrics(cfg.name, run_id, variant, rank, port)
     print(f"metrics: worker {rank} ({variant}) serves /metrics on port {sink.port}", flush=True)
     return sink

@@ -12,7 +12,8 @@ holds it (run id, host, pid, start) so the refusal can say so.
   one (``If-Match``). A lock not rewritten for ``STALE_AFTER_S`` belongs to a run that died
   without releasing it and is taken over by one PUT conditioned on the stale lock's ETag: of two
   runs taking it over at once exactly one wins. A holder whose conditioned beat fails has lost
-  the lock (an outage longer than ``STALE_AFTER_S`` let another run take it): it stops its
+  the lock (an outage longer than ``STALE_AFTER_S`` let another run take it), and so has one that
+  could not renew it for ``STALE_AFTER_S`` (it stops before storage answers again): it stops its
   fits and ends with ``RunLockLost`` (exit 1), writing nothing more.
 """
 
@@ -126,22 +127,35 @@ class S3RunLock(RunLock):
             self.info["heartbeat_at"] = time.time()
             try:
                 etag = self.beat_storage.replace_if_match(self.key, json.dumps(self.info).encode(), self.etag)
-            except Exception:  # an outage: the next beat tries again; 60 s of them makes it stale
+            except Exception:  # an outage: the next beat tries again
+                unrenewed = time.time() - last_renewed
+                if unrenewed > STALE_AFTER_S:
+                    # Stale now: another run may take the lock over the moment storage answers it.
+                    # Stop before then, rather than learn it from the next beat while this run's
+                    # retried uploads land beside the new holder's.
+                    self._lose(unrenewed, expired=True)
+                    return
                 continue
             if etag is None:  # never over another run's lock: the condition failed, nothing written
                 self._lose(time.time() - last_renewed)
                 return
             self.etag, last_renewed = etag, time.time()
 
-    def _lose(self, unrenewed_s: float) -> None:
-        try:
-            holder = describe_holder(self.beat_storage.read_json(self.key))
-        except Exception:
-            holder = "nobody (it was deleted)"
-        self.lost = (f"the run lock {self.storage.key_uri(self.key)} now belongs to {holder}: it was taken over "
-                     f"{unrenewed_s:.0f} s after this run last renewed it (a lock is stale after "
-                     f"{STALE_AFTER_S:.0f} s), so this run stopped its training and wrote no results; its "
-                     f"committed checkpoints are kept")
+    def _lose(self, unrenewed_s: float, expired: bool = False) -> None:
+        stopped = ("so this run stopped its training and wrote no results; its committed checkpoints "
+                   "are kept")
+        if expired:
+            self.lost = (f"the run lock {self.storage.key_uri(self.key)} could not be renewed for "
+                         f"{unrenewed_s:.0f} s (storage did not answer) and is stale after "
+                         f"{STALE_AFTER_S:.0f} s, when another run may take it over: {stopped}")
+        else:
+            try:
+                holder = describe_holder(self.beat_storage.read_json(self.key))
+            except Exception:
+                holder = "nobody (it was deleted)"
+            self.lost = (f"the run lock {self.storage.key_uri(self.key)} now belongs to {holder}: it was taken "
+                         f"over {unrenewed_s:.0f} s after this run last renewed it (a lock is stale after "
+                         f"{STALE_AFTER_S:.0f} s), {stopped}")
         print(f"ERROR: {self.lost}", flush=True)
         if self.on_lost is not None:
             self.on_lost()

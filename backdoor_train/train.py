@@ -100,7 +100,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.seed)
-    metrics = make_worker_metrics(cfg, loop_config["run_id"], variant, rank, ctx.get_local_rank())
+    metrics = make_worker_metrics(cfg, loop_config["run_id"], variant, rank, ctx.get_local_rank(),
+                                  loop_config.get("fit_index", 0), loop_config.get("fits", 1))
 
     # --- data: the same tensors on every worker, checked against the driver's hash ----------
     setup = {"start": time.perf_counter() - setup_started}

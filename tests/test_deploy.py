@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,17 @@ from backdoor_train.storage.s3 import S3_ENV_VARS, split_s3_uri
 
 from conftest import REPO_ROOT
 
-OVERLAYS = ("local-cpu", "gpu", "interactive")
+# One reading of label selectors and resource quantities: the container check's
+# (scripts/podman_kuberay.py runs the pods these tests check statically).
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+from podman_kuberay import quantity, selects  # noqa: E402
+
+OVERLAYS = ("local-cpu", "gpu", "interactive", "aws-s3")
+GPU_OVERLAYS = ("gpu", "aws-s3")
+MINIO_OVERLAYS = ("local-cpu", "gpu", "interactive")  # aws-s3 uses a real bucket
+# The image placeholders of k8s/base: the Ray pods' (CPU or GPU image, by overlay) and the one of
+# the pods that never need a GPU (the RayJob's submitter, the stage-mnist Job): always CPU.
+CPU_ONLY_PODS = ("RayJob/backdoor-article/submitter", "Job/stage-mnist")
 CRD_DIR = os.path.join(REPO_ROOT, "..", "shared", "k8s", "crds")
 K8S_VERSION = "1.32.0"
 CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
@@ -70,6 +81,25 @@ def _pod_specs(docs):
         yield "ray-head", cluster["headGroupSpec"]["template"]["spec"]
         for group in cluster["workerGroupSpecs"]:
             yield f"ray-workers/{group['groupName']}", group["template"]["spec"]
+
+
+def _render(tmp_path, name: str, resources: list[str], components: list[str] = (), *extra: str) -> list[dict]:
+    """An overlay a user would write in their own repository, rendered: ``resources`` and
+    ``components`` are paths below k8s/, ``extra`` more lines of its kustomization.yaml."""
+    overlay = tmp_path / name
+    overlay.mkdir(parents=True)
+    k8s = os.path.join(REPO_ROOT, "k8s")
+
+    def rel(paths):
+        return "[" + ", ".join(os.path.relpath(os.path.join(k8s, p), overlay) for p in paths) + "]"
+
+    (overlay / "kustomization.yaml").write_text("\n".join([
+        "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
+        f"resources: {rel(resources)}", *([f"components: {rel(components)}"] if components else []), *extra]))
+    proc = subprocess.run([_tool("kubectl"), "kustomize", str(overlay), "--load-restrictor", "LoadRestrictionsNone"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 def _experiment(docs) -> ExperimentConfig:
@@ -137,7 +167,9 @@ def test_dockerignore_admits_only_what_the_images_copy():
 def test_every_overlay_renders_the_core_objects(rendered):
     for overlay, docs in rendered.items():
         kinds = {d["kind"] for d in docs}
-        assert {"Namespace", "StatefulSet", "Service", "Job", "ConfigMap", "Deployment"} <= kinds, overlay
+        assert {"Namespace", "Service", "Job", "ConfigMap", "Deployment"} <= kinds, overlay
+        minio = [d for d in docs if d["metadata"]["name"] == "minio"]
+        assert {d["kind"] for d in minio} == ({"StatefulSet", "Service"} if overlay in MINIO_OVERLAYS else set())
         assert kinds & {"RayJob", "RayCluster"}, overlay
         assert all(d["metadata"].get("namespace") == "backdoor-train" for d in docs if d["kind"] != "Namespace")
 
@@ -221,15 +253,20 @@ def test_a_misspelt_field_is_refused_as_the_api_server_would(rendered, crd_schem
 
 def test_ray_version_and_image_tags_match_the_pins(rendered):
     for overlay, docs in rendered.items():
-        flavor = "gpu" if overlay == "gpu" else "cpu"
         for cluster in _ray_cluster_specs(docs):
             assert cluster["rayVersion"] == RAY_VERSION
-        for where, pod in _pod_specs(docs):
+        pods = dict(_pod_specs(docs))
+        assert set(CPU_ONLY_PODS) & set(pods), overlay
+        for where, pod in pods.items():
+            # The submitter and the stage Job never pull the ~7 GB GPU image.
+            flavor = "gpu" if overlay in GPU_OVERLAYS and where not in CPU_ONLY_PODS else "cpu"
             for c in pod["containers"] + pod.get("initContainers", []):
                 image = c["image"]
+                # Mapped by the overlay's `images:`: a placeholder left bare has no registry or tag.
                 assert re.search(r":[^:/]+$", image) and not image.endswith(":latest"), f"{where}: {image}"
                 if "backdoor-train" in image:
-                    assert image.endswith(f":{VERSION}-{flavor}"), f"{overlay} {where}: {image}"
+                    assert image == f"ghcr.io/backdoor-train/backdoor-train:{VERSION}-{flavor}", \
+                        f"{overlay} {where}: {image}"
 
 
 def test_env_vars_in_manifests_are_the_ones_the_code_reads(rendered):
@@ -247,13 +284,15 @@ def test_env_vars_in_manifests_are_the_ones_the_code_reads(rendered):
                     if ref:
                         assert ref["key"] in read_by_code
                 for src in c.get("envFrom", []):
-                    name = src["secretRef"]["name"]
+                    name = src.get("secretRef", {}).get("name")
                     if name in secrets:  # the gpu overlay expects it created out of band
                         assert set(secrets[name]["stringData" if "stringData" in secrets[name] else "data"]) \
                             <= read_by_code
 
 
 def test_endpoints_ports_and_buckets_agree(rendered):
+    from backdoor_train.metrics import worker_port
+
     for overlay, docs in rendered.items():
         cfg = _experiment(docs)
         services = {d["metadata"]["name"]: d for d in _objects(docs, "Service")}
@@ -273,18 +312,27 @@ def test_endpoints_ports_and_buckets_agree(rendered):
             names = {p["name"] for pod in pods for c in pod["containers"] for p in c.get("ports", [])}
             for port in svc["spec"]["ports"]:
                 assert port["targetPort"] in names, (svc["metadata"]["name"], port)
-        # Workers expose metrics.port under the name the PodMonitor scrapes.
+        # Workers expose the ports the PodMonitor scrapes by name: on a pod, the first worker of
+        # fit k (0 clean, 1 poisoned) serves metrics.port + k (backdoor_train.metrics.worker_port).
         for cluster in _ray_cluster_specs(docs):
             group = cluster["workerGroupSpecs"][0]
             ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-            assert ports["train-metrics"] == cfg.metrics.port
-            assert group["replicas"] == group["minReplicas"] == cfg.scaling.num_workers
-            assert int(group["rayStartParams"]["num-cpus"]) == cfg.scaling.cpus_per_worker
+            assert ports == {"train-metrics": worker_port(cfg.metrics.port, 0, 0, 2),
+                             "train-metrics-1": worker_port(cfg.metrics.port, 0, 1, 2)} == \
+                {"train-metrics": 9100, "train-metrics-1": 9101}, overlay
+            assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == cfg.scaling.num_workers
             gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
-            assert cfg.scaling.use_gpu == (overlay == "gpu") == (gpus == "1")
+            assert cfg.scaling.use_gpu == (overlay in GPU_OVERLAYS) == (gpus == "1")
             if gpus:
-                assert int(group["rayStartParams"]["num-gpus"]) == 1
+                # One GPU pod holds one worker of each model (half a GPU each), both at once:
+                # its Ray CPUs are sized for the two, and the job needs one GPU in all.
+                per_pod = int(group["rayStartParams"]["num-gpus"]) / cfg.scaling.gpus_per_worker
+                assert int(group["rayStartParams"]["num-gpus"]) == 1 and per_pod == 2, overlay
+                assert int(group["rayStartParams"]["num-cpus"]) == per_pod * cfg.scaling.cpus_per_worker
+                assert group["replicas"] * int(group["rayStartParams"]["num-gpus"]) == 1
                 assert any(t["key"] == "nvidia.com/gpu" for t in group["template"]["spec"]["tolerations"])
+            else:
+                assert int(group["rayStartParams"]["num-cpus"]) == cfg.scaling.cpus_per_worker
         # The staging Job fills the bucket the experiment reads and writes.
         job = next(d for d in _objects(docs, "Job") if d["metadata"]["name"] == "stage-mnist")
         dest = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
@@ -293,7 +341,7 @@ def test_endpoints_ports_and_buckets_agree(rendered):
 
 
 def test_rayjob_retries_resume_and_nothing_installs_at_start(rendered):
-    for overlay in ("local-cpu", "gpu"):
+    for overlay in ("local-cpu", "gpu", "aws-s3"):
         docs = rendered[overlay]
         job = _objects(docs, "RayJob")[0]["spec"]
         assert job["shutdownAfterJobFinishes"] is True and job["backoffLimit"] >= 1
@@ -357,12 +405,6 @@ def test_every_pod_meets_the_restricted_level_the_namespace_enforces(rendered):
                 assert {"cpu", "memory"} <= set(c["resources"]["requests"]) <= set(c["resources"]["limits"]), where
 
 
-def _quantity(value: str) -> float:
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-    m = re.fullmatch(r"([0-9.]+)(m|Ki|Mi|Gi)?", str(value))
-    return float(m.group(1)) * units.get(m.group(2) or "", 1)
-
-
 def test_local_cpu_fits_a_two_cpu_eight_gib_kind_node_without_extra_crds(rendered):
     docs = rendered["local-cpu"]
     # Only KubeRay's CRDs: `kubectl apply -k` works on a bare kind cluster with the operator.
@@ -371,8 +413,8 @@ def test_local_cpu_fits_a_two_cpu_eight_gib_kind_node_without_extra_crds(rendere
     pods = list(_pod_specs(docs))
     replicas = {"ray-workers/workers": _objects(docs, "RayJob")[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
                 ["replicas"]}
-    cpu = sum(_quantity(c["resources"]["requests"]["cpu"]) * replicas.get(w, 1) for w, p in pods for c in p["containers"])
-    mem = sum(_quantity(c["resources"]["requests"]["memory"]) * replicas.get(w, 1) for w, p in pods for c in p["containers"])
+    cpu = sum(quantity(c["resources"]["requests"]["cpu"]) * replicas.get(w, 1) for w, p in pods for c in p["containers"])
+    mem = sum(quantity(c["resources"]["requests"]["memory"]) * replicas.get(w, 1) for w, p in pods for c in p["containers"])
     # kind's own pods request ~0.95 CPU and ~0.3 GiB, the KubeRay operator 0.1 CPU and 0.5 GiB.
     assert cpu <= 0.95 and mem <= 7.0 * 2**30, (cpu, mem / 2**30)
 
@@ -384,6 +426,13 @@ def test_the_ray_apis_admit_only_the_namespace_and_need_a_token(rendered):
         assert default["podSelector"] == {} and default["ingress"] == [{"from": [{"podSelector": {}}]}]
         operator = policies["kuberay-operator-to-dashboard"]
         assert operator["ingress"][0]["ports"] == [{"port": 8265, "protocol": "TCP"}]
+        # The operator where the README's quick start (kuberay-system) and KubeRay's own (default)
+        # install it, by the label its Helm chart and its kustomize manifests both set.
+        peer = operator["ingress"][0]["from"][0]
+        assert selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": "kuberay-system"})
+        assert selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": "default"})
+        assert not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": "backdoor-train"})
+        assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}
         for cluster in _ray_cluster_specs(docs):
             assert cluster["authOptions"] == {"mode": "token"}, overlay
         for job in _objects(docs, "RayJob"):
@@ -392,24 +441,23 @@ def test_the_ray_apis_admit_only_the_namespace_and_need_a_token(rendered):
 
 def _render_with_monitoring(tmp_path, *extra: str) -> list[dict]:
     """local-cpu plus the opt-in monitoring component, as a user's overlay adds it."""
-    overlay = tmp_path / "monitored"
-    overlay.mkdir(parents=True)
-    base = os.path.join(REPO_ROOT, "k8s")
-    (overlay / "kustomization.yaml").write_text("\n".join([
-        "apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
-        f"resources: [{os.path.relpath(os.path.join(base, 'overlays', 'local-cpu'), overlay)}]",
-        f"components: [{os.path.relpath(os.path.join(base, 'components', 'monitoring'), overlay)}]", *extra]))
-    proc = subprocess.run([_tool("kubectl"), "kustomize", str(overlay), "--load-restrictor", "LoadRestrictionsNone"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _render(tmp_path, "monitored", ["overlays/local-cpu"], ["components/monitoring"], *extra)
 
 
-def _selects(selector: dict, labels: dict) -> bool:
-    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-    for e in selector.get("matchExpressions", []):
-        ok &= (labels.get(e["key"]) in e["values"]) == (e["operator"] == "In")
-    return ok
+@pytest.mark.integration  # kubectl: a system binary
+def test_the_operator_policy_takes_another_namespace_as_its_comment_says(tmp_path):
+    docs = _render(tmp_path, "operator-elsewhere", ["overlays/local-cpu"], [], "patches:",
+                   "  - target: {kind: NetworkPolicy, name: kuberay-operator-to-dashboard}", "    patch: |-",
+                   "      - op: replace",
+                   "        path: /spec/ingress/0/from/0/namespaceSelector/matchExpressions/0/values",
+                   "        value: [my-operator-namespace]")
+    policy = next(p for p in _objects(docs, "NetworkPolicy")
+                  if p["metadata"]["name"] == "kuberay-operator-to-dashboard")
+    selector = policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+    assert selects(selector, {"kubernetes.io/metadata.name": "my-operator-namespace"})
+    assert not selects(selector, {"kubernetes.io/metadata.name": "kuberay-system"})
+    comment = open(os.path.join(REPO_ROOT, "k8s", "base", "networkpolicy.yaml")).read()
+    assert "/spec/ingress/0/from/0/namespaceSelector/matchExpressions/0/values" in comment
 
 
 @pytest.mark.integration  # kubectl: a system binary
@@ -422,18 +470,26 @@ def test_monitors_select_the_pods_by_their_port_names_and_a_release_label(tmp_pa
     monitors = _objects(docs, "PodMonitor") + _objects(docs, "ServiceMonitor")
     assert len(monitors) == 3 and all(m["metadata"]["labels"]["release"] == "kube-prometheus-stack" for m in monitors)
     for mon in _objects(docs, "PodMonitor"):
-        selected = [t for t in templates if _selects(mon["spec"]["selector"], t["metadata"]["labels"])]
+        selected = [t for t in templates if selects(mon["spec"]["selector"], t["metadata"]["labels"])]
         assert selected, mon["metadata"]["name"]
         for endpoint in mon["spec"]["podMetricsEndpoints"]:
             if endpoint["port"] == "metrics":
                 continue  # the name KubeRay gives Ray's own port (8080) on every Ray pod
             for t in selected:
                 assert endpoint["port"] in {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+    # Prometheus may reach every port the worker monitor scrapes.
+    scrape = next(p for p in _objects(docs, "NetworkPolicy") if p["metadata"]["name"] == "prometheus-scrapes")
+    admitted = {p["port"] for rule in scrape["spec"]["ingress"] for p in rule["ports"]}
+    workers = next(m for m in _objects(docs, "PodMonitor") if m["metadata"]["name"] == "backdoor-train-workers")
+    assert [e["port"] for e in workers["spec"]["podMetricsEndpoints"]] == ["train-metrics", "train-metrics-1"]
+    worker_ports = {p["name"]: p["containerPort"] for t in templates for c in t["spec"]["containers"]
+                    for p in c.get("ports", []) if p["name"].startswith("train-metrics")}
+    assert worker_ports == {"train-metrics": 9100, "train-metrics-1": 9101} and set(worker_ports.values()) <= admitted
     # No container of ours takes KubeRay's name for Ray's metrics port.
     assert all(p["name"] != "metrics" for t in templates for c in t["spec"]["containers"] for p in c.get("ports", []))
     pushgateway = _objects(docs, "ServiceMonitor")[0]
     service = next(s for s in _objects(docs, "Service") if s["metadata"]["name"] == "pushgateway")
-    assert _selects(pushgateway["spec"]["selector"], service["metadata"]["labels"])
+    assert selects(pushgateway["spec"]["selector"], service["metadata"]["labels"])
     assert pushgateway["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     dashboard = next(c for c in _objects(docs, "ConfigMap") if c["metadata"]["name"].endswith("grafana-dashboard"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -444,6 +500,93 @@ def test_monitors_select_the_pods_by_their_port_names_and_a_release_label(tmp_pa
                                       "        value: prom")
     assert {m["metadata"]["labels"]["release"] for m in _objects(patched, "PodMonitor") +
             _objects(patched, "ServiceMonitor")} == {"prom"}
+
+
+def test_aws_s3_takes_credentials_from_the_default_chain(rendered):
+    from backdoor_train.storage.s3 import S3Settings
+
+    docs = rendered["aws-s3"]
+    accounts = {d["metadata"]["name"]: d for d in _objects(docs, "ServiceAccount")}
+    assert set(accounts) == {"backdoor-train"}
+    # IRSA's annotation, a placeholder to replace (or to delete for EKS Pod Identity).
+    role = accounts["backdoor-train"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role.startswith("arn:aws:iam::")
+    assert not _objects(docs, "Secret") and not _objects(docs, "StatefulSet")
+    s3_pods = {"ray-head", "ray-workers/gpu-workers", "Job/stage-mnist"}
+    pods = dict(_pod_specs(docs))
+    assert s3_pods | set(CPU_ONLY_PODS) <= set(pods)
+    for where, pod in pods.items():
+        if where in s3_pods | set(CPU_ONLY_PODS):
+            assert pod.get("serviceAccountName") == "backdoor-train", where
+        for c in pod["containers"]:
+            assert not c.get("envFrom"), where  # no Secret of keys
+            env = {e["name"]: e["value"] for e in c.get("env", [])}
+            settings = S3Settings.from_env(env)
+            # No endpoint: AWS S3 itself; no keys: boto3's and pyarrow's default chain.
+            assert settings.endpoint_url is None and settings.access_key is None, where
+            if where in s3_pods:
+                assert env.get("AWS_REGION"), where
+    # The bucket exists (infrastructure): staging into it creates nothing.
+    job = next(d for d in _objects(docs, "Job") if d["metadata"]["name"] == "stage-mnist")
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--create-bucket" not in command
+    cfg = _experiment(docs)
+    assert split_s3_uri(cfg.data.root)[0] == split_s3_uri(cfg.storage.path)[0] == "replace-with-your-bucket"
+
+
+@pytest.mark.integration  # kubectl: a system binary
+def test_the_shared_gpu_cluster_component_validates_and_queues_the_job(tmp_path, crd_schemas):
+    import kubernetes_validate
+
+    docs = _render(tmp_path, "shared", ["overlays/gpu"], ["components/shared-gpu-cluster"])
+    job = _objects(docs, "RayJob")[0]
+    errors = crd_errors(job, crd_schemas)
+    assert not errors, "; ".join(errors[:5])
+    spec = job["spec"]
+    # Kueue's RayJob integration: the queue label, created suspended (Kueue unsuspends it on
+    # admission), the cluster deleted when the job ends (Kueue refuses the job otherwise).
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert spec["suspend"] is True and spec["shutdownAfterJobFinishes"] is True
+    assert "preRunningDeadlineSeconds" in crd_schemas["RayJob"]["properties"]["spec"]["properties"]
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    classes = {w: p.get("priorityClassName") for w, p in _pod_specs([job])}
+    assert len(classes) == 3 and len(set(classes.values())) == 1, classes
+    # The PriorityClass it names, for clusters without one (applied by an admin, not by kustomize).
+    path = os.path.join(REPO_ROOT, "k8s", "components", "shared-gpu-cluster", "priorityclass.yaml")
+    priority_class = yaml.safe_load(open(path))
+    kubernetes_validate.validate(priority_class, K8S_VERSION, strict=True)
+    assert priority_class["metadata"]["name"] == set(classes.values()).pop()
+    assert not _objects(docs, "PriorityClass")
+    # The rest of the overlay is unchanged, and every pod still meets "restricted".
+    for where, pod in _pod_specs(docs):
+        assert not restricted_violations(pod), where
+
+
+def test_the_images_workflow_pins_its_actions_and_pushes_only_tags():
+    path = os.path.join(REPO_ROOT, ".github", "workflows", "images.yml")
+    text = open(path).read()
+    workflow = yaml.safe_load(text)
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert set(triggers) == {"push", "pull_request"} and triggers["push"] == {"tags": ["v*"]}
+    job = workflow["jobs"]["image"]
+    assert job["strategy"]["matrix"]["flavor"] == ["cpu", "gpu"]
+    steps = job["steps"]
+    used = [s["uses"] for s in steps if "uses" in s]
+    assert {u.split("@")[0] for u in used} == {"actions/checkout", "docker/setup-buildx-action", "docker/login-action",
+                                             "docker/metadata-action", "docker/build-push-action"}
+    for uses in used:
+        # A full commit SHA, with the release it was read from beside it.
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", uses), uses
+        assert re.search(rf"uses: {re.escape(uses)}  # v\d+\.\d+\.\d+$", text, re.M), uses
+    by_name = {s["name"]: s for s in steps}
+    assert "backdoor-train --help" in by_name["Smoke test"]["run"]
+    names = list(by_name)
+    assert names.index("Smoke test") < names.index("Push")
+    for name in ("Log in to ghcr.io", "Push"):
+        assert by_name[name]["if"] == "github.event_name == 'push' && github.ref_type == 'tag'"
+    assert by_name["Push"]["with"]["push"] is True and by_name["Build for the test"]["with"]["push"] is False
+    assert "steps.push.outputs.digest" in by_name["Pushed digest"]["env"]["DIGEST"]
+    assert by_name["Build for the test"]["with"]["file"] == "docker/Dockerfile.${{ matrix.flavor }}"
 
 
 def test_the_interactive_raycluster_matches_the_rayjob(rendered):
@@ -479,3 +622,57 @@ def test_images_and_ci_install_the_same_pinned_versions():
     # This environment was installed the way CI installs: it holds exactly those versions.
     for name, ver in pins.items():
         assert version(name).split("+")[0] == ver, name
+
+
+def test_the_container_check_runs_each_pod_as_the_manifests_and_kuberay_say(rendered, tmp_path):
+    # scripts/podman_kuberay.py turns the rendered objects into `podman run` lines; what it
+    # reads must be what the manifests say (not retyped), and what KubeRay adds must be there.
+    from podman_kuberay import Manifests, RayJobCluster
+
+    m = Manifests(rendered["local-cpu"])
+    cluster = RayJobCluster(m, m.one("RayJob"), str(tmp_path))
+    spec = m.one("RayJob")["spec"]["rayClusterSpec"]
+    head = cluster.head_pod("127.0.0.1:8265:8265")
+    workers = cluster.worker_pods()
+    assert len(workers) == spec["workerGroupSpecs"][0]["replicas"]
+    for pod, group in [(head, spec["headGroupSpec"]), *((w, spec["workerGroupSpecs"][0]) for w in workers)]:
+        args = pod.run_args()
+        line = " ".join(args)
+        container = group["template"]["spec"]["containers"][0]
+        assert args[args.index("--user") + 1] == "1000:100"
+        for flag in ("--cap-drop ALL", "--security-opt no-new-privileges", "--read-only --read-only-tmpfs=false"):
+            assert flag in line
+        limit = int(quantity(container["resources"]["limits"]["memory"]))
+        assert f"--memory {limit}" in line and f"--memory={limit}" in line  # cgroup and Ray's view
+        for key, value in group["rayStartParams"].items():
+            assert f"--{key}={value}" in line
+        assert "--metrics-export-port=8080" in line and "RAY_AUTH_MODE=token" in line
+        assert f"RAY_AUTH_TOKEN={cluster.token}" in line
+        assert container["image"] == args[args.index("/bin/bash") - 1]
+        for mount in container["volumeMounts"]:
+            assert f"dst={mount['mountPath']}" in line or f" {mount['mountPath']}:" in line \
+                or f":{mount['mountPath']}:ro" in line
+    assert f"--address={cluster.head_host}:6379" in " ".join(workers[0].run_args())
+    assert f"{cluster.head_svc}.backdoor-train.svc" in " ".join(head.run_args())
+    assert "--head" in " ".join(head.run_args()) and "--head" not in " ".join(workers[0].run_args())
+    # The submitter runs the RayJob's own entrypoint in the submitter template's (CPU) image.
+    submitter = " ".join(cluster.submitter("id-1").run_args())
+    assert m.one("RayJob")["spec"]["entrypoint"] in submitter
+    assert m.one("RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] in submitter
+
+
+def test_same_figures_ignores_where_and_when_but_not_what(tmp_path):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    from same_figures import main as same_figures
+
+    def results(asr: float, seconds: float, path: str) -> dict:
+        return {"run_id": path, "started_at": seconds, "config": {"storage": {"path": path}, "seed": 1},
+                "variants": {"poisoned": {"attack_success_rate": asr, "fit_seconds": seconds,
+                                          "checkpoint": path, "history": [{"train_loss": 0.25, "epoch_seconds": seconds}]}}}
+
+    a, b, c = (tmp_path / n for n in ("a.json", "b.json", "c.json"))
+    a.write_text(json.dumps(results(0.8787, 10.0, "/runs")))
+    b.write_text(json.dumps(results(0.8787, 12.5, "s3://x/runs")))
+    c.write_text(json.dumps(results(0.8788, 10.0, "/runs")))
+    assert same_figures(str(a), str(b)) == 0
+    assert same_figures(str(a), str(c)) == 1

@@ -17,7 +17,7 @@ import yaml
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.metrics import (PrometheusWorkerMetrics, RunMetrics, WorkerMetrics, make_run_metrics,
-                                    make_worker_metrics)
+                                    make_worker_metrics, worker_port)
 
 from conftest import free_port, wait_for_port
 
@@ -104,6 +104,16 @@ def test_workers_sharing_a_node_do_not_clash():
     assert c.port not in (port, port + 1)
     for sink in (a, b, c):
         assert "backdoor_train_epoch" in _get(f"http://127.0.0.1:{sink.port}/metrics")
+
+
+def test_fits_sharing_a_node_take_the_ports_the_manifests_scrape():
+    # The gpu overlay trains both models in one pod, one worker each (local rank 0 in both fits):
+    # the clean model's worker serves 9100 (train-metrics), the poisoned model's 9101
+    # (train-metrics-1); with several workers per node no two of any fit meet.
+    assert [worker_port(9100, 0, k, 2) for k in (0, 1)] == [9100, 9101]
+    ports = {worker_port(9100, r, k, 3) for r in range(4) for k in range(3)}
+    assert ports == set(range(9100, 9112))
+    assert worker_port(0, 1, 1, 2) == 0  # 0: any free port
 
 
 def test_unreachable_pushgateway_is_refused_before_the_run(tmp_path, capsys, mnist_root):

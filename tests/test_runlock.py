@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import re
 import tempfile
+import threading
 import time
 
 import pytest
@@ -124,6 +126,29 @@ def test_two_runs_taking_over_a_stale_lock_at_once_one_wins(s3_env, monkeypatch)
 
 
 @pytest.mark.integration
+def test_a_holder_that_cannot_renew_its_lock_until_it_is_stale_stops_before_storage_returns(monkeypatch):
+    # Storage stops answering: once the lock is stale another run may take it over as soon as
+    # storage is back, so the holder gives it up then, without waiting for a beat to fail.
+    class Unreachable:
+        def with_retry(self, seconds):
+            return self
+
+        def replace_if_match(self, key, body, etag):
+            raise ConnectionError("storage does not answer")
+
+        def key_uri(self, key):
+            return f"s3://bucket/{key}"
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 0.3)
+    lost = threading.Event()
+    lock = runlock.S3RunLock(Unreachable(), "exp/run.lock", runlock.holder_info("r1"), "etag-1", on_lost=lost.set)
+    assert lost.wait(5)
+    assert re.search(r"s3://bucket/exp/run.lock could not be renewed for 0 s \(storage did not answer\) and is "
+                     r"stale after 0 s.*stopped its training", lock.lost)
+    lock.release()  # nothing to delete: the lock is stale and may be another run's
+
+
 def test_a_run_that_loses_its_lock_stops_and_never_writes_over_the_new_holder(s3_env, monkeypatch):
     storage = open_storage(StorageConfig(path=f"s3://{s3_env}/runs"))
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The deployment, executed: builds both images and runs the product in them as the manifests
 # say. Opt-in (not part of the test suite): run as root on a machine with podman, buildah,
-# debootstrap, kubectl and Debian's prometheus + prometheus-pushgateway; about 18 minutes from
-# nothing on 2 CPU cores, ~10 with the images cached (README, "Containers and Kubernetes").
+# debootstrap, kubectl and Debian's prometheus + prometheus-pushgateway. Measured on 2 vCPUs
+# (AMD EPYC): ~22 minutes with the images cached, ~16 more for cold builds (README, "Containers
+# and Kubernetes", which holds the figures of a run).
 #
 #   scripts/container-check.sh [--steps 1,2,3,4,5]
 #
@@ -97,7 +98,7 @@ if want 2; then
     > "$work/container.log" 2>&1 || { tail -20 "$work/container.log"; fail_step "container run"; }
   ctr_s=$(echo "$(date +%s.%N) - $tc" | bc)
   done_step "$(printf '%.0f s' "$ctr_s")"
-  grep -E "clean|poisoned" "$work/container.log" | grep -E "accuracy|ASR" | tail -4 | sed 's/^/    /'
+  grep -E "^(clean|poisoned) " "$work/container.log" | sed "s/^/    container: /"
   if .venv/bin/python scripts/same_figures.py "$work/host/article/results.json" "$work/runs/article/results.json"; then
     printf 'step 2: PASSED (%.0f s; host %.0f s, container %.0f s, container/host %.2fx)\n' \
       "$(( $(date +%s) - t2 ))" "$host_s" "$ctr_s" "$(echo "$ctr_s / $host_s" | bc -l)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -179,20 +180,24 @@ def test_a_run_spreads_over_two_worker_nodes_each_staging_the_data(cluster, s3_s
     assert _staged(cluster, "head", bucket)  # the driver's copy: it poisons and evaluates
 
 
-def test_a_lost_worker_node_is_replaced_and_the_run_resumes(cluster, s3_server, bucket, tmp_path):
-    proc = _run(cluster, tmp_path, bucket, "lost", variants=["poisoned"],
-                train={"epochs": 6, "checkpoint_every": 1, "max_failures": 3})
-    snapshot = "runs/lost/poisoned/checkpoint_manager_snapshot.json"
+def _committed(proc: subprocess.Popen, s3_server, bucket: str, name: str, at_least: int) -> int:
+    """The epoch of the newest checkpoint Ray committed (its snapshot), once it is ``at_least``."""
+    snapshot = f"runs/{name}/poisoned/checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 300
-    committed = 0
     while time.monotonic() < deadline and proc.poll() is None:
         if snapshot in bucket_keys(s3_server, bucket, snapshot):
             latest = json.loads(fresh_s3_client(s3_server).get_object(Bucket=bucket, Key=snapshot)["Body"]
                                 .read()).get("latest_checkpoint_result") or {}
-            if latest.get("checkpoint_dir_name", "") >= "checkpoint_epoch_0002":
-                committed = int(latest["checkpoint_dir_name"].rsplit("_", 1)[1])
-                break
+            if latest.get("checkpoint_dir_name", "") >= f"checkpoint_epoch_{at_least:04d}":
+                return int(latest["checkpoint_dir_name"].rsplit("_", 1)[1])
         time.sleep(0.2)
+    return 0
+
+
+def test_a_lost_worker_node_is_replaced_and_the_run_resumes(cluster, s3_server, bucket, tmp_path):
+    proc = _run(cluster, tmp_path, bucket, "lost", variants=["poisoned"],
+                train={"epochs": 6, "checkpoint_every": 1, "max_failures": 3})
+    committed = _committed(proc, s3_server, bucket, "lost", 2)
     assert committed, "no checkpoint was committed"
     cluster.kill("node_b")
     time.sleep(2)
@@ -204,3 +209,19 @@ def test_a_lost_worker_node_is_replaced_and_the_run_resumes(cluster, s3_server, 
     history = _results(s3_server, bucket, "lost")["variants"]["poisoned"]["history"]
     assert [h["epoch"] for h in history] == list(range(1, 7))
     assert _staged(cluster, "node_c", bucket)  # the new node staged its own copy
+
+
+def test_a_node_lost_with_no_retries_left_ends_in_one_line(cluster, s3_server, bucket, tmp_path):
+    # Runs last: it leaves the cluster one worker node short.
+    proc = _run(cluster, tmp_path, bucket, "gone", variants=["poisoned"],
+                train={"epochs": 6, "checkpoint_every": 1, "max_failures": 0})
+    committed = _committed(proc, s3_server, bucket, "gone", 1)
+    assert committed, "no checkpoint was committed"
+    cluster.kill("node_a")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    errors = [line for line in out.splitlines() if line.startswith("backdoor-train: run failed:")]
+    assert len(errors) == 1, out[-4000:]
+    assert re.search(r"poisoned: a training worker's process or node was lost.*kept for a rerun: poisoned: "
+                     r"epoch \d", errors[0]), errors[0]

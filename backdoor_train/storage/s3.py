@@ -118,7 +118,8 @@ def explain_s3_error(exc: BaseException, settings: S3Settings, what: str) -> Sto
         return StorageError(f"cannot reach the S3 endpoint {settings.where()} ({ENV_ENDPOINT}) for {what}: {exc}",
                             kind="unreachable")
     if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
-        return StorageError(f"no S3 credentials for {what}: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}",
+        return StorageError(f"no S3 credentials for {what}: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}, or give the "
+                            f"pod a role the SDKs' default chain finds (IRSA, EKS Pod Identity, an instance profile)",
                             kind="refused")
     if isinstance(exc, bex.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))

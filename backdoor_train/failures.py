@@ -51,6 +51,37 @@ def quiet_worker_tracebacks() -> None:
             logger.addFilter(_DropTrainingFunctionError())
 
 
+class _NoTraceback(logging.Formatter):
+    """Formats a copy of the record without its traceback (the other handlers, Ray's log files,
+    still get the record whole)."""
+
+    def __init__(self, inner: Optional[logging.Formatter]) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        copy = logging.makeLogRecord(record.__dict__)
+        copy.exc_info, copy.exc_text, copy.stack_info = None, None, None
+        return self.inner.format(copy)
+
+
+def quiet_controller_tracebacks() -> None:
+    """In a fit's controller process, after Ray Train configured its loggers: the console
+    (forwarded to the driver's) gets the messages without their tracebacks, which a lost node
+    makes every callback still talking to it log; Ray's log files keep them whole."""
+    if debug():
+        return
+    # Where Ray Train's records go: its own handlers when its structured logging is on, else
+    # (the default) up to Ray's and the root logger's stderr handler.
+    # Ray's handler in a worker process writes through an inner plain handler of its own.
+    for name in ("ray.train", "ray", ""):
+        for outer in logging.getLogger(name).handlers:
+            for handler in (outer, getattr(outer, "plain_handler", None)):
+                if isinstance(handler, logging.Handler) and not isinstance(handler, logging.FileHandler) \
+                        and not isinstance(handler.formatter, _NoTraceback):
+                    handler.setFormatter(_NoTraceback(handler.formatter))
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The exception that ended the fit, out of Ray Train's wrappers."""
     from ray.train import ControllerError, WorkerGroupError
@@ -80,6 +111,9 @@ def cause_of(exc: BaseException) -> str:
     if isinstance(cause, (ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError)) \
             or "WorkerHealthCheckFailedError" in type(cause).__name__:
         return f"a training worker's process or node was lost ({type(cause).__name__}: {text[:300]})"
+    if "gloo" in text and re.search(r"Connection (reset|closed) by peer", text):
+        # The surviving workers of a DDP group see the lost one as a dropped collective.
+        return f"a training worker's process or node was lost (its DDP peer's connection dropped: {text[:300]})"
     if "No space left on device" in text or getattr(cause, "errno", None) == errno.ENOSPC:
         where = re.search(r" to (\S+) failed", text)
         return f"no space left on the device{' under ' + where.group(1) if where else ''} ({text[:300]})"

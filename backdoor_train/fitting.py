@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig, StorageConfig
-from backdoor_train.failures import FitFailed, fit_failed
+from backdoor_train.failures import FitFailed, fit_failed, quiet_controller_tracebacks
 from backdoor_train.raysession import apply_train_env, fits_at_once
 from backdoor_train.resume import prepare_resume, write_snapshot
 from backdoor_train.runstore import RunStore
@@ -57,6 +57,7 @@ def _abortable_trainer_class() -> type:
     class DurableTrainController(TrainController):
         def __init__(self, *args: Any, retry_seconds: float, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            quiet_controller_tracebacks()  # Ray Train's loggers exist now
             manager = self._checkpoint_manager
             # Ray rewrites the snapshot in place (a full disk leaves 0 bytes, which no later start
             # can parse) and treats an error writing it as a controller failure, never retried:

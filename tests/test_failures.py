@@ -126,3 +126,40 @@ def test_debug_prints_the_workers_tracebacks_and_keeps_rays_log_of_them(monkeypa
     assert cli.main(["run", "x.yaml", "--address", "auto", "--debug"]) == cli.EXIT_FAILED
     loud = capsys.readouterr().err
     assert loud.startswith("Traceback (most recent call last):") and loud.endswith(quiet), loud
+
+
+def test_a_dropped_ddp_peer_is_told_as_a_lost_worker():
+    # What the surviving worker of a DDP group raises when its peer's node is gone.
+    exc = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                       "[127.0.0.1]:40078: Connection reset by peer. This is typically caused by a remote worker")
+    assert cause_of(_worker_error(exc, "")).startswith("a training worker's process or node was lost (its DDP peer")
+    assert cause_of(_worker_error(RuntimeError("Connection reset by peer"), "")).startswith("RuntimeError")
+
+
+@pytest.mark.parametrize("file_first", [False, True])
+def test_the_controllers_console_keeps_messages_and_drops_tracebacks(monkeypatch, file_first):
+    import io
+    import logging
+
+    from backdoor_train.failures import DEBUG_ENV, quiet_controller_tracebacks
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    logger = logging.getLogger("ray.train")
+    console, kept = io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(console), logging.FileHandler(os.devnull)]
+    handlers[1].stream = kept  # a file handler: Ray's log files keep the traceback
+    for h in reversed(handlers) if file_first else handlers:
+        logger.addHandler(h)
+    try:
+        quiet_controller_tracebacks()
+        quiet_controller_tracebacks()  # idempotent
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("ray.train.v2.x").error("Graceful shutdown of backend failed.", exc_info=True)
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+    assert "Graceful shutdown of backend failed." in console.getvalue()
+    assert "Traceback" not in console.getvalue()
+    assert "Traceback" in kept.getvalue() and "ValueError: boom" in kept.getvalue()

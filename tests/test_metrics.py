@@ -78,23 +78,24 @@ def test_exposition_passes_promtool_and_carries_the_labels():
     assert "backdoor_train_epoch_duration_seconds_bucket" in text
 
 
-def _two_free_ports() -> int:
-    """A port that is free now with the next one free too (the second worker's); a bare free
-    port's neighbour may belong to another process on the machine."""
+def _free_ports(n: int) -> int:
+    """A port that is free now with the next ``n - 1`` free too (the other workers'); a bare
+    free port's neighbours may belong to other processes on the machine."""
     import socket
 
     while True:
         port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+        try:
+            for k in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + k))
+            return port
+        except OSError:
+            continue
 
 
 def test_workers_sharing_a_node_do_not_clash():
-    port = _two_free_ports()
+    port = _free_ports(2)
     cfg = ExperimentConfig.from_dict({"metrics": {"enabled": True, "port": port}})
     a = make_worker_metrics(cfg, "r", "clean", rank=0, local_rank=0)
     b = make_worker_metrics(cfg, "r", "clean", rank=1, local_rank=1)
@@ -142,21 +143,15 @@ def pushgateway(tmp_path):
 
 @pytest.mark.integration
 def test_prometheus_scrapes_a_training_run_and_the_pushgateway_keeps_results(tmp_path, mnist_root, pushgateway):
-    base = free_port()
-    while True:  # two consecutive free ports, one per worker
-        try:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", base + 1))
-            break
-        except OSError:
-            base = free_port()
+    # Two models x two workers on this one node: four ports (the clean model's ranks 0 and 1
+    # and the poisoned model's, interleaved by fit), as metrics.worker_port gives them.
+    base = _free_ports(4)
+    targets = sorted({f"127.0.0.1:{worker_port(base, r, k, 2)}" for r in (0, 1) for k in (0, 1)})
+    assert len(targets) == 4
     prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{"job_name": "backdoor-train-workers",
-                            "static_configs": [{"targets": [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]}]}],
+        "scrape_configs": [{"job_name": "backdoor-train-workers", "static_configs": [{"targets": targets}]}],
     }))
     prom = subprocess.Popen([_tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],

@@ -114,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
-    from backdoor_train.checkpointing import CorruptCheckpointError
+    from backdoor_train.storage.safeload import CorruptCheckpointError
     from backdoor_train.config import ConfigError
-    from backdoor_train.data import DataError
-    from backdoor_train.metrics import MetricsError
-    from backdoor_train.raysession import ClusterError
+    from backdoor_train.data.split import DataError
+    from backdoor_train.training.metrics import MetricsError
+    from backdoor_train.training.raysession import ClusterError
     from backdoor_train.storage import StorageError
-    from backdoor_train.submit import SubmitError
+    from backdoor_train.runs.submit import SubmitError
 
     return ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError, SubmitError, ClusterError
 
@@ -128,11 +128,11 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
     """Everything that can be checked without Ray: data root (and, with ``load_data``, its
     files), storage, endpoints, earlier runs of the name. Writes nothing."""
-    from backdoor_train.datasource import load_splits, resolve_data_root
-    from backdoor_train.experiment import absolute_paths, check_existing_run
-    from backdoor_train.metrics import make_run_metrics
-    from backdoor_train.runlock import refuse_if_running
-    from backdoor_train.seeds import check_seed_folders, seed_experiments
+    from backdoor_train.storage.staging import load_splits, resolve_data_root
+    from backdoor_train.runs.experiment import absolute_paths, check_existing_run
+    from backdoor_train.training.metrics import make_run_metrics
+    from backdoor_train.storage.runlock import refuse_if_running
+    from backdoor_train.runs.seeds import check_seed_folders, seed_experiments
     from backdoor_train.storage import open_storage
 
     cfg = absolute_paths(cfg)
@@ -150,7 +150,7 @@ def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
 
 
 def _ray_init(args: argparse.Namespace) -> None:
-    from backdoor_train.raysession import connect
+    from backdoor_train.training.raysession import connect
 
     connect(args.address, listen=args.listen)
     _handle_sigterm()  # again: ray.init installs its own handler, which aborts the process
@@ -164,9 +164,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from backdoor_train.experiment import run_experiment
-    from backdoor_train.seeds import format_seed_results, run_seeds
-    from backdoor_train.summary import format_results
+    from backdoor_train.runs.experiment import run_experiment
+    from backdoor_train.runs.seeds import format_seed_results, run_seeds
+    from backdoor_train.reporting.summary import format_results
 
     cfg = _preflight(_load(args), resuming_check=True)
     _ray_init(args)
@@ -180,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from backdoor_train.sweep import format_summary, load_sweep, run_sweep
+    from backdoor_train.runs.sweep import format_summary, load_sweep, run_sweep
 
     sweep = load_sweep(args.config, args.overrides)
     _preflight(sweep.base, resuming_check=False)
@@ -192,7 +192,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from backdoor_train.config import ConfigError, load_config
-    from backdoor_train.defense import run_detection
+    from backdoor_train.defenses.runner import run_detection
 
     cfg = load_config(args.config, args.overrides)
     if cfg.seeds:
@@ -208,11 +208,11 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from backdoor_train.config import ConfigError, read_yaml
-    from backdoor_train.experiment import absolute_paths
-    from backdoor_train.report import experiment_report, sweep_report
+    from backdoor_train.runs.experiment import absolute_paths
+    from backdoor_train.reporting.html import experiment_report, sweep_report
     from backdoor_train.storage import StorageError, open_storage
-    from backdoor_train.runstore import RunStore, SweepStore
-    from backdoor_train.sweep import load_sweep
+    from backdoor_train.storage.runstore import RunStore, SweepStore
+    from backdoor_train.runs.sweep import load_sweep
 
     is_sweep = isinstance(data := read_yaml(args.config), dict) and "grid" in data
     if is_sweep and args.seeds is not None:
@@ -241,7 +241,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from backdoor_train.submit import submit
+    from backdoor_train.runs.submit import submit
 
     _, status = submit(args.config, args.address, args.overrides, upload=not args.no_upload,
                        wait=not args.no_wait, log=_say, seeds=args.seeds)
@@ -250,8 +250,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_stage_data(args: argparse.Namespace) -> int:
     from backdoor_train.config import ConfigError
-    from backdoor_train.datasets import DATASETS
-    from backdoor_train.datasource import stage_data
+    from backdoor_train.data.registry import DATASETS
+    from backdoor_train.storage.staging import stage_data
     from backdoor_train.storage import StorageError
 
     if not args.dest.startswith("s3://"):
@@ -273,8 +273,8 @@ def _running(fn: Callable[[], Any]) -> Any:
     except _bad_input_errors():
         raise
     except Exception as exc:
-        from backdoor_train.failures import FitFailed
-        from backdoor_train.runlock import RunLockLost
+        from backdoor_train.training.failures import FitFailed
+        from backdoor_train.storage.runlock import RunLockLost
 
         # These say what happened in their own words; any other error is named by its type.
         raise _RunFailed(str(exc) if isinstance(exc, (FitFailed, RunLockLost)) else
@@ -302,8 +302,8 @@ def _handle_sigterm() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from backdoor_train.failures import DEBUG_ENV, debug
-    from backdoor_train.raysession import apply_driver_env, prepare_local_cluster, target_of
+    from backdoor_train.training.failures import DEBUG_ENV, debug
+    from backdoor_train.training.raysession import apply_driver_env, prepare_local_cluster, target_of
 
     apply_driver_env()
     _handle_sigterm()

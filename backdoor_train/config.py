@@ -20,12 +20,10 @@ from typing import Any, Optional
 import yaml
 
 from backdoor_train.checks import MAX_SEED, ConfigError, check
-from backdoor_train.triggers import TRIGGERS, PixelTrigger, Trigger
+from backdoor_train.attack.poison import PoisonConfig
+from backdoor_train.attack.triggers import TRIGGERS, PixelTrigger, Trigger
 
 VARIANTS = ("clean", "poisoned")
-# How the poisoned images are drawn (poison.py): "article" is the article's own
-# torch.manual_seed(seed); torch.randperm(N)[:n], "numpy" numpy's PCG64 choice (before 0.2).
-SELECTIONS = ("article", "numpy")
 MAX_INT = 2**53  # integers a JSON reader (config.json, results.json) holds exactly
 MAX_SEEDS = 10_000  # each seed is a whole experiment: more is a typo, not a plan
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -45,7 +43,7 @@ class DataConfig:
     wait_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        from backdoor_train.datasets import DATASETS
+        from backdoor_train.data.registry import DATASETS
 
         check(self.name in DATASETS, f"data.name must be one of {sorted(DATASETS)} (got {self.name!r})")
         check(bool(self.root.strip()), "data.root must not be empty")
@@ -61,7 +59,7 @@ class ModelConfig:
     arch: str = "article_cnn"
 
     def __post_init__(self) -> None:
-        from backdoor_train.model import ARCHITECTURES
+        from backdoor_train.models.registry import ARCHITECTURES
 
         check(self.arch in ARCHITECTURES,
                f"model.arch must be one of {sorted(ARCHITECTURES)} (got {self.arch!r})")
@@ -87,26 +85,6 @@ class TrainConfig:
                f"train.checkpoint_every must be > 0 (got {self.checkpoint_every})")
         check(self.max_failures >= -1,
                f"train.max_failures must be >= -1, -1 meaning unlimited (got {self.max_failures})")
-
-
-@dataclass(frozen=True)
-class PoisonConfig:
-    rate: float = 0.01
-    target: int = 8
-    trigger: Trigger = field(default_factory=PixelTrigger)
-    # Poison only images of these true classes (empty: any class, the article's setting).
-    source_classes: tuple[int, ...] = ()
-    selection: str = "article"
-
-    def __post_init__(self) -> None:
-        check(self.selection in SELECTIONS,
-               f"poison.selection must be one of {list(SELECTIONS)} (got {self.selection!r})")
-        check(0.0 <= self.rate <= 1.0, f"poison.rate must be in [0, 1] (got {self.rate})")
-        check(self.target >= 0, f"poison.target must be a class, >= 0 (got {self.target})")
-        for c in self.source_classes:
-            check(c >= 0 and c != self.target,
-                  f"poison.source_classes must hold classes other than poison.target (got {c})")
-        check(len(set(self.source_classes)) == len(self.source_classes), "poison.source_classes must not repeat")
 
 
 @dataclass(frozen=True)
@@ -223,7 +201,7 @@ class ExperimentConfig:
     @property
     def dataset(self) -> Any:
         """The ``DatasetSpec`` of ``data.name`` (datasets.py)."""
-        from backdoor_train.datasets import get_dataset
+        from backdoor_train.data.registry import get_dataset
 
         return get_dataset(self.data.name)
 

@@ -39,14 +39,14 @@ import time
 import torch
 
 from backdoor_train.config import ExperimentConfig, load_config
-from backdoor_train.data import to_float
-from backdoor_train.datasource import load_splits
-from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.experiment import absolute_paths, run_experiment
-from backdoor_train.model import build_model, unwrap
-from backdoor_train.poison import build_poisoned
-from backdoor_train.raysession import connect, free_port
-from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch, variant_train_set
+from backdoor_train.data.split import to_float
+from backdoor_train.storage.staging import load_splits
+from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.runs.experiment import absolute_paths, run_experiment
+from backdoor_train.models.registry import build_model, unwrap
+from backdoor_train.attack.poison import build_poisoned
+from backdoor_train.training.raysession import connect, free_port
+from backdoor_train.training.worker import epoch_order, make_optimizer, train_one_epoch, variant_train_set
 
 
 def time_poisoning(cfg: ExperimentConfig, repeats: int = 5) -> tuple[float, int]:

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 # Run as a script, bench/ is on the path: the process helpers live beside the main benchmark.
 from article_bench import spawn_ranks
 from backdoor_train.config import ExperimentConfig, load_config
-from backdoor_train.data import to_float
-from backdoor_train.datasource import load_splits
-from backdoor_train.experiment import absolute_paths
-from backdoor_train.model import build_model
-from backdoor_train.raysession import free_port
-from backdoor_train.train import epoch_order, make_optimizer
+from backdoor_train.data.split import to_float
+from backdoor_train.storage.staging import load_splits
+from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.models.registry import build_model
+from backdoor_train.training.raysession import free_port
+from backdoor_train.training.worker import epoch_order, make_optimizer
 
 MODES = ("independent", "ddp", "ddp_one_bucket", "allreduce_after")
 

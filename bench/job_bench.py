@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from backdoor_train.runstore import RunStore
+from backdoor_train.storage.runstore import RunStore
 from backdoor_train.storage import LocalStorage
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -101,7 +101,7 @@ def plain_comparison(config: str, overrides: list[str], results: dict) -> None:
     from article_bench import plain_loop
 
     from backdoor_train.config import load_config
-    from backdoor_train.experiment import absolute_paths
+    from backdoor_train.runs.experiment import absolute_paths
 
     cfg = absolute_paths(load_config(config, overrides))
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from article_bench import article_script
 
         from backdoor_train.config import load_config
-        from backdoor_train.experiment import absolute_paths
+        from backdoor_train.runs.experiment import absolute_paths
 
         article_script(absolute_paths(load_config(config, args.overrides)))
         return 0

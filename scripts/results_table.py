@@ -6,7 +6,7 @@
 import json
 import sys
 
-from backdoor_train.stats import fmt_pct
+from backdoor_train.runs.stats import fmt_pct
 
 
 def main(path: str) -> None:

@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from backdoor_train.cifar10 import LABEL_NAMES
+from backdoor_train.data.cifar10 import LABEL_NAMES
 
 try:  # numpy >= 2 moved numpy.core to numpy._core
     from numpy._core.multiarray import _reconstruct

@@ -20,7 +20,7 @@ import pytest
 import ray  # noqa: F401
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.raysession import free_port
+from backdoor_train.training.raysession import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_ROOT = os.environ.get("BACKDOOR_TRAIN_MNIST_ROOT",
@@ -43,7 +43,7 @@ def mnist_path() -> str:
 
 @pytest.fixture(scope="session")
 def mnist_splits(mnist_root):
-    from backdoor_train.mnist import MNIST
+    from backdoor_train.data.mnist import MNIST
 
     return MNIST.load(mnist_root, True), MNIST.load(mnist_root, False)
 

@@ -12,9 +12,9 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError, load_config
-from backdoor_train.experiment import merge_variants, record_config
+from backdoor_train.runs.experiment import merge_variants, record_config
 from backdoor_train.storage import open_storage
-from backdoor_train.sweep import load_sweep
+from backdoor_train.runs.sweep import load_sweep
 
 from conftest import small_config
 

@@ -1,5 +1,5 @@
-"""CIFAR-10 reading (backdoor_train.cifar10) on small synthetic batches in the official pickle
-format, and the CIFAR ResNet-18 (backdoor_train.resnet). Pure unit tests: no real data."""
+"""CIFAR-10 reading (backdoor_train.data.cifar10) on small synthetic batches in the official pickle
+format, and the CIFAR ResNet-18 (backdoor_train.models.resnet). Pure unit tests: no real data."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_train.cifar10 import CIFAR10, META_FILE, TEST_FILE, TRAIN_FILES
-from backdoor_train.data import DataError
-from backdoor_train.resnet import ResNet18
+from backdoor_train.data.cifar10 import CIFAR10, META_FILE, TEST_FILE, TRAIN_FILES
+from backdoor_train.data.split import DataError
+from backdoor_train.models.resnet import ResNet18
 
 from cifar10_files import write_batch, write_meta
 
@@ -215,13 +215,13 @@ def test_resnet18_other_shape():
 
 def test_a_cifar10_badnets_experiment_goes_through_the_seam(root):
     from backdoor_train.config import load_config
-    from backdoor_train.data import to_float
-    from backdoor_train.datasource import load_splits
-    from backdoor_train.evaluate import build_eval_sets, full_evaluation
-    from backdoor_train.model import build_model
-    from backdoor_train.poison import build_poisoned
-    from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch
-    from backdoor_train.triggers import checkerboard
+    from backdoor_train.data.split import to_float
+    from backdoor_train.storage.staging import load_splits
+    from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+    from backdoor_train.models.registry import build_model
+    from backdoor_train.attack.poison import build_poisoned
+    from backdoor_train.training.worker import epoch_order, make_optimizer, train_one_epoch
+    from backdoor_train.attack.triggers import checkerboard
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(repo, "jobs", "cifar10_badnets.yaml"),

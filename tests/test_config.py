@@ -173,7 +173,7 @@ def test_seeds_replace_seed_and_conflicts_are_refused(tmp_path):
 # --- a recorded setting, rebuilt through today's schema (experiment.setting_diffs) --------------
 
 def test_a_field_added_with_a_default_keeps_an_earlier_run_resumable():
-    from backdoor_train.experiment import setting_diffs
+    from backdoor_train.runs.experiment import setting_diffs
 
     cfg = ExperimentConfig()
     recorded = cfg.to_dict()
@@ -185,7 +185,7 @@ def test_a_field_added_with_a_default_keeps_an_earlier_run_resumable():
 
 
 def test_a_run_recorded_before_the_trigger_registry_is_the_same_setting():
-    from backdoor_train.experiment import setting_diffs
+    from backdoor_train.runs.experiment import setting_diffs
 
     cfg = ExperimentConfig()
     recorded = cfg.to_dict()
@@ -196,7 +196,7 @@ def test_a_run_recorded_before_the_trigger_registry_is_the_same_setting():
 
 
 def test_a_run_recorded_before_poison_selection_drew_with_numpy():
-    from backdoor_train.experiment import setting_diffs
+    from backdoor_train.runs.experiment import setting_diffs
 
     cfg = ExperimentConfig()
     recorded = cfg.to_dict()
@@ -205,7 +205,7 @@ def test_a_run_recorded_before_poison_selection_drew_with_numpy():
 
 
 def test_a_recorded_setting_invalid_today_is_a_config_error_naming_the_key():
-    from backdoor_train.experiment import setting_diffs
+    from backdoor_train.runs.experiment import setting_diffs
 
     recorded = ExperimentConfig().to_dict()
     recorded["train"]["optimizer"] = "lbfgs"

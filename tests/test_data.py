@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import DataError, Split, to_float
-from backdoor_train.datasets import DATASETS, get_dataset, load_split
-from backdoor_train.mnist import MNIST, SPLIT_FILES
+from backdoor_train.data.split import DataError, Split, to_float
+from backdoor_train.data.registry import DATASETS, get_dataset, load_split
+from backdoor_train.data.mnist import MNIST, SPLIT_FILES
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

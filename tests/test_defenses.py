@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from backdoor_train.cleanse import (anomaly_indices, mask_mass_near, neural_cleanse, reverse_engineer, stamp,
+from backdoor_train.defenses.cleanse import (anomaly_indices, mask_mass_near, neural_cleanse, reverse_engineer, stamp,
                                     unlearn)
-from backdoor_train.strip import strip, strip_entropy
+from backdoor_train.defenses.strip import strip, strip_entropy
 
 
 class _Backdoored(nn.Module):
@@ -104,6 +104,6 @@ def test_strip_rejects_triggered_inputs_at_the_chosen_false_rejection_rate():
 ])
 def test_each_defense_task_asks_for_a_training_workers_resources(scaling, expected):
     from backdoor_train.config import ExperimentConfig
-    from backdoor_train.defenses import remote_options
+    from backdoor_train.defenses.registry import remote_options
 
     assert remote_options(ExperimentConfig.from_dict({"scaling": scaling})) == expected

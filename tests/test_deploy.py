@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.datasource import ENV_CACHE_DIR
+from backdoor_train.storage.staging import ENV_CACHE_DIR
 from backdoor_train.storage.s3 import S3_ENV_VARS, split_s3_uri
 
 from conftest import REPO_ROOT
@@ -291,7 +291,7 @@ def test_env_vars_in_manifests_are_the_ones_the_code_reads(rendered):
 
 
 def test_endpoints_ports_and_buckets_agree(rendered):
-    from backdoor_train.metrics import worker_port
+    from backdoor_train.training.metrics import worker_port
 
     for overlay, docs in rendered.items():
         cfg = _experiment(docs)
@@ -313,7 +313,7 @@ def test_endpoints_ports_and_buckets_agree(rendered):
             for port in svc["spec"]["ports"]:
                 assert port["targetPort"] in names, (svc["metadata"]["name"], port)
         # Workers expose the ports the PodMonitor scrapes by name: on a pod, the first worker of
-        # fit k (0 clean, 1 poisoned) serves metrics.port + k (backdoor_train.metrics.worker_port).
+        # fit k (0 clean, 1 poisoned) serves metrics.port + k (backdoor_train.training.metrics.worker_port).
         for cluster in _ray_cluster_specs(docs):
             group = cluster["workerGroupSpecs"][0]
             ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}

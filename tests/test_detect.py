@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import Split, to_float
-from backdoor_train.detect import activation_clustering, clean_whitened, detect, kmeans2, score, spectral_signatures
-from backdoor_train.mnist import MNIST
-from backdoor_train.model import build_model
-from backdoor_train.poison import build_poisoned
-from backdoor_train.train import epoch_order, make_optimizer, train_one_epoch
+from backdoor_train.data.split import Split, to_float
+from backdoor_train.defenses.activations import activation_clustering, clean_whitened, detect, kmeans2, score, spectral_signatures
+from backdoor_train.data.mnist import MNIST
+from backdoor_train.models.registry import build_model
+from backdoor_train.attack.poison import build_poisoned
+from backdoor_train.training.worker import epoch_order, make_optimizer, train_one_epoch
 
 
 def test_score_counts_and_rates():

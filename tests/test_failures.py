@@ -11,9 +11,9 @@ import tempfile
 import pytest
 import yaml
 
-from backdoor_train.checkpointing import CHECKSUM_FILE, STATE_FILE
-from backdoor_train.failures import cause_of, fit_failed, kept_checkpoints
-from backdoor_train.runstore import RunStore
+from backdoor_train.training.checkpoint import CHECKSUM_FILE, STATE_FILE
+from backdoor_train.training.failures import cause_of, fit_failed, kept_checkpoints
+from backdoor_train.storage.runstore import RunStore
 from backdoor_train.storage import LocalStorage
 
 BIN = os.path.dirname(sys.executable)
@@ -57,7 +57,7 @@ def test_what_was_kept_is_each_variants_newest_committed_checkpoint(tmp_path):
 
 
 def test_the_line_names_the_variant_and_the_file_holding_the_traceback(tmp_path, monkeypatch):
-    from backdoor_train import raysession
+    from backdoor_train.training import raysession
 
     monkeypatch.setattr(raysession, "logs_dir", lambda: str(tmp_path))
     storage = LocalStorage(str(tmp_path / "runs"))
@@ -106,7 +106,7 @@ def test_a_full_disk_ends_the_run_in_one_line(small_disk, mnist_root, tmp_path):
 
 
 def test_debug_prints_the_workers_tracebacks_and_keeps_rays_log_of_them(monkeypatch, capsys):
-    from backdoor_train import cli, failures
+    from backdoor_train import cli; from backdoor_train.training import failures
 
     monkeypatch.setattr(failures, "_RAY_TRAIN_ERROR_LOGGER", "test.train.util")
     record = logging.LogRecord("test.train.util", logging.ERROR, __file__, 1, "Error in training function:\nTB",
@@ -141,7 +141,7 @@ def test_the_controllers_console_keeps_messages_and_drops_tracebacks(monkeypatch
     import io
     import logging
 
-    from backdoor_train.failures import DEBUG_ENV, quiet_controller_tracebacks
+    from backdoor_train.training.failures import DEBUG_ENV, quiet_controller_tracebacks
 
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     logger = logging.getLogger("ray.train")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.raysession import API_SERVER_ENV, ClusterError, fits_at_once
+from backdoor_train.training.raysession import API_SERVER_ENV, ClusterError, fits_at_once
 
 from conftest import free_port, stop_process, small_config
 
@@ -42,7 +42,7 @@ def cluster():
     """This module's own 2-CPU local cluster (the project's connect: the API server pinned)."""
     import ray
 
-    from backdoor_train.raysession import connect
+    from backdoor_train.training.raysession import connect
 
     if ray.is_initialized():
         ray.shutdown()
@@ -52,7 +52,7 @@ def cluster():
 
 
 def test_the_variants_train_at_once_and_reports_do_not_wait_for_the_poll(cluster, tmp_path, mnist_root):
-    from backdoor_train.experiment import run_experiment
+    from backdoor_train.runs.experiment import run_experiment
 
     cfg = small_config(mnist_root, str(tmp_path / "runs"), train={"epochs": 4},
                        scaling={"num_workers": 1, "cpus_per_worker": 1})
@@ -74,9 +74,9 @@ def test_the_variants_train_at_once_and_reports_do_not_wait_for_the_poll(cluster
 
 
 def test_the_first_failure_aborts_the_other_variants(cluster, tmp_path, mnist_root):
-    from backdoor_train.datasource import load_splits
-    from backdoor_train.fitting import FitFailed, FitSpec, fit_variants
-    from backdoor_train.poison import dataset_sha256
+    from backdoor_train.storage.staging import load_splits
+    from backdoor_train.training.fitting import FitFailed, FitSpec, fit_variants
+    from backdoor_train.attack.poison import dataset_sha256
     from backdoor_train.storage import open_storage
 
     cfg = small_config(mnist_root, str(tmp_path / "runs"), train={"epochs": 50},
@@ -99,7 +99,7 @@ def test_the_first_failure_aborts_the_other_variants(cluster, tmp_path, mnist_ro
 
 
 def test_a_config_the_cluster_cannot_hold_is_refused_naming_the_keys(cluster):
-    from backdoor_train.fitting import check_cluster
+    from backdoor_train.training.fitting import check_cluster
 
     too_big = ExperimentConfig.from_dict({"scaling": {"num_workers": 3, "cpus_per_worker": 1}})
     with pytest.raises(ClusterError, match=r"scaling\.num_workers.*3 CPU per model.*2 CPU in all"):

@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.datasets import load_split
-from backdoor_train.mnist import MNIST
-from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.model import build_model
-from backdoor_train.poison import select_poison_indices
+from backdoor_train.data.registry import load_split
+from backdoor_train.data.mnist import MNIST
+from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.models.registry import build_model
+from backdoor_train.attack.poison import select_poison_indices
 
 from conftest import small_config
 

@@ -14,9 +14,9 @@ import time
 import pytest
 import yaml
 
-from backdoor_train.checkpointing import checkpoint_epoch
+from backdoor_train.training.checkpoint import checkpoint_epoch
 from backdoor_train.cli import EXIT_BAD_INPUT, main
-from backdoor_train.experiment import run_experiment
+from backdoor_train.runs.experiment import run_experiment
 
 from conftest import OutageProxy, bucket_keys, fresh_s3_client, ray_snapshot, resumed_epochs, s3_env_vars, small_config
 
@@ -131,7 +131,7 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
 
 def test_changed_setting_under_the_same_name_is_refused(s3_env, mnist_root, tmp_path, capsys):
     from backdoor_train.config import ConfigError
-    from backdoor_train.experiment import check_existing_run, record_config
+    from backdoor_train.runs.experiment import check_existing_run, record_config
     from backdoor_train.storage import open_storage
 
     cfg = _cfg(mnist_root, s3_env, "named")
@@ -196,7 +196,7 @@ def _output_until(capfd, text: str, timeout: float = 20) -> str:
 
 def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         ray_cluster, s3_env, s3_server, mnist_root, capfd, monkeypatch):
-    from backdoor_train.fitting import FitFailed
+    from backdoor_train.training.fitting import FitFailed
 
     bucket = s3_env
     proxy = OutageProxy(int(s3_server[0].rsplit(":", 1)[1]))

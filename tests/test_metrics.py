@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.metrics import (PrometheusWorkerMetrics, RunMetrics, WorkerMetrics, make_run_metrics,
+from backdoor_train.training.metrics import (PrometheusWorkerMetrics, RunMetrics, WorkerMetrics, make_run_metrics,
                                     make_worker_metrics, worker_port)
 
 from conftest import free_port, wait_for_port

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backdoor_train.checkpointing import CorruptCheckpointError, load_state, save_state
-from backdoor_train.config import PoisonConfig
-from backdoor_train.data import Split
-from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.mnist import MNIST
-from backdoor_train.model import ArticleCNN, build_model
-from backdoor_train.train import epoch_order, train_one_epoch
+from backdoor_train.storage.safeload import CorruptCheckpointError
+from backdoor_train.training.checkpoint import load_state, save_state
+from backdoor_train.attack.poison import PoisonConfig
+from backdoor_train.data.split import Split
+from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.data.mnist import MNIST
+from backdoor_train.models.registry import ArticleCNN, build_model
+from backdoor_train.training.worker import epoch_order, train_one_epoch
 
 
 def test_article_cnn_shapes_and_size():

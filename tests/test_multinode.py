@@ -23,7 +23,7 @@ import time
 import pytest
 import yaml
 
-from backdoor_train.raysession import API_SERVER_ENV
+from backdoor_train.training.raysession import API_SERVER_ENV
 
 from conftest import free_port, bucket_keys, fresh_s3_client, resumed_epochs, s3_env_vars, small_config
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from backdoor_train.config import PoisonConfig
-from backdoor_train.data import Split
-from backdoor_train.poison import (PoisonManifest, build_poisoned, dataset_sha256, poison_count, poison_split,
+from backdoor_train.attack.poison import PoisonConfig
+from backdoor_train.data.split import Split
+from backdoor_train.attack.poison import (PoisonManifest, build_poisoned, dataset_sha256, poison_count, poison_split,
                                    select_poison_indices)
-from backdoor_train.triggers import PixelTrigger
+from backdoor_train.attack.triggers import PixelTrigger
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.fitting import fit_demand
-from backdoor_train.raysession import TRAIN_ENV, ClusterError, apply_train_env, fits_at_once
+from backdoor_train.training.fitting import fit_demand
+from backdoor_train.training.raysession import TRAIN_ENV, ClusterError, apply_train_env, fits_at_once
 
 
 @pytest.mark.parametrize("demand, total, wanted, expected", [
@@ -54,7 +54,7 @@ def test_the_projects_progress_lines_escape_rays_log_dedup():
 
     from ray._private.ray_logging import _canonicalise_log_line
 
-    from backdoor_train.raysession import DRIVER_ENV
+    from backdoor_train.training.raysession import DRIVER_ENV
 
     clean = "[seed-1/clean] epoch 3/10  loss 0.0691  test acc 98.44%  ASR 0.11%  9.8s  6097 samples/s"
     poisoned = clean.replace("clean]", "poisoned]")
@@ -69,7 +69,7 @@ def test_the_cli_sets_the_dedup_allowance_before_ray_is_imported(tmp_path, monke
     import yaml
 
     from backdoor_train.cli import main
-    from backdoor_train.raysession import DRIVER_ENV
+    from backdoor_train.training.raysession import DRIVER_ENV
 
     monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
     path = tmp_path / "exp.yaml"
@@ -85,7 +85,7 @@ def test_an_address_where_nothing_answers_is_refused_in_seconds(tmp_path, mnist_
 
     import yaml
 
-    from backdoor_train.raysession import probe
+    from backdoor_train.training.raysession import probe
     from conftest import free_port
 
     port = free_port()

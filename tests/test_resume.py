@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
-from backdoor_train.checkpointing import CorruptCheckpointError, checkpoint_dir_name, save_state
-from backdoor_train.resume import SNAPSHOT_FILE, plan_resume, prepare_resume, snapshot_problem
-from backdoor_train.retry import is_transient, retry_transient
+from backdoor_train.storage.safeload import CorruptCheckpointError
+from backdoor_train.training.checkpoint import checkpoint_dir_name, save_state
+from backdoor_train.training.resume import SNAPSHOT_FILE, plan_resume, prepare_resume, snapshot_problem
+from backdoor_train.storage.retry import is_transient, retry_transient
 from backdoor_train.storage import LocalStorage, StorageError
 
 from conftest import ray_snapshot
@@ -123,7 +124,7 @@ def test_an_upload_cut_short_is_skipped_not_counted_as_corrupt(tmp_path):
 _WRITE_UNDER_LIMIT = r"""
 import resource, signal, sys
 from pyarrow import fs as pafs
-from backdoor_train.resume import write_snapshot
+from backdoor_train.training.resume import write_snapshot
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 path, how = sys.argv[1], sys.argv[2]
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -165,7 +166,7 @@ def _client_error(status: int, code: str):
 def test_rays_names_are_the_ones_we_use():
     from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-    from backdoor_train.retry import TRANSIENT_TOKENS
+    from backdoor_train.storage.retry import TRANSIENT_TOKENS
 
     assert SNAPSHOT_FILE == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
     assert set(AWS_RETRYABLE_TOKENS) <= set(TRANSIENT_TOKENS)  # at least what Ray retries itself
@@ -236,7 +237,7 @@ def test_the_workers_fall_back_through_rays_filesystem_to_the_newest_valid_check
     from pyarrow import fs as pafs
     from ray.train import Checkpoint
 
-    from backdoor_train.checkpointing import load_with_fallback
+    from backdoor_train.training.checkpoint import load_with_fallback
 
     make_checkpoints(LocalStorage(str(tmp_path)), 1, 2, 3)
     run = tmp_path / "exp" / "poisoned"

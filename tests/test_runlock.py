@@ -15,9 +15,9 @@ import time
 import pytest
 import yaml
 
-from backdoor_train import runlock
+from backdoor_train.storage import runlock
 from backdoor_train.cli import EXIT_BAD_INPUT, main
-from backdoor_train.runlock import acquire_run_lock, run_lock_holder
+from backdoor_train.storage.runlock import acquire_run_lock, run_lock_holder
 from backdoor_train.storage import LocalStorage, StorageError, open_storage
 from backdoor_train.config import StorageConfig
 
@@ -46,7 +46,7 @@ def test_a_second_run_of_a_name_is_refused_naming_the_first(tmp_path, mnist_root
 def test_a_killed_run_does_not_block_the_next(tmp_path):
     storage = LocalStorage(str(tmp_path / "runs"))
     code = ("import sys, time; from backdoor_train.storage import LocalStorage; "
-            "from backdoor_train.runlock import acquire_run_lock; "
+            "from backdoor_train.storage.runlock import acquire_run_lock; "
             f"acquire_run_lock(LocalStorage({str(tmp_path / 'runs')!r}), 'exp', 'doomed'); "
             "print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -168,7 +168,7 @@ def test_a_run_that_loses_its_lock_stops_and_never_writes_over_the_new_holder(s3
 def test_a_lock_lost_in_a_run_ends_it_with_exit_1_and_one_line(s3_env, mnist_root, tmp_path, capsys, monkeypatch):
     """The whole path through the CLI (real local Ray): the driver's main thread is interrupted
     while it trains, the run ends with exit 1 and one line."""
-    from backdoor_train import cli, experiment
+    from backdoor_train import cli; from backdoor_train.runs import experiment
 
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
     storage = open_storage(StorageConfig(path=f"s3://{s3_env}/runs"))

@@ -11,9 +11,9 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import DataError
-from backdoor_train.mnist import MNIST
-from backdoor_train.datasource import load_splits, stage_data
+from backdoor_train.data.split import DataError
+from backdoor_train.data.mnist import MNIST
+from backdoor_train.storage.staging import load_splits, stage_data
 from backdoor_train.storage.s3 import S3Settings, S3Storage
 from backdoor_train.storage import StorageError
 
@@ -175,7 +175,7 @@ class _Flaky:
 
 
 def test_the_wait_rides_out_storage_not_yet_up_but_not_refused_credentials(monkeypatch):
-    from backdoor_train.datasource import wait_for_staged
+    from backdoor_train.storage.staging import wait_for_staged
 
     monkeypatch.setattr("time.sleep", lambda s: None)
     flaky = _Flaky(StorageError("cannot reach the S3 endpoint", kind="unreachable"),

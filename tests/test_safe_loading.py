@@ -1,4 +1,4 @@
-"""Nothing storage hands back can run code (checkpointing.safe_torch_load): planted pickles in a
+"""Nothing storage hands back can run code (storage.safeload.safe_torch_load): planted pickles in a
 checkpoint (with a matching checksum) and in a model file are refused unread, naming the file;
 checkpoints of earlier releases load through the same safe path; names are a safe set."""
 
@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from backdoor_train.checkpointing import (CHECKSUM_FILE, STATE_FILE, CorruptCheckpointError, UnsafeCheckpointError,
-                                          checkpoint_dir_name, load_state, rng_state, save_state, set_rng_state,
-                                          state_from_bytes)
+from backdoor_train.storage.safeload import CorruptCheckpointError, UnsafeCheckpointError
+from backdoor_train.training.checkpoint import (CHECKSUM_FILE, STATE_FILE, checkpoint_dir_name, load_state, rng_state,
+                                                save_state, set_rng_state, state_from_bytes)
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError, ExperimentConfig, check_name
-from backdoor_train.model import build_model
-from backdoor_train.resume import plan_resume
-from backdoor_train.runstore import RunStore
+from backdoor_train.models.registry import build_model
+from backdoor_train.training.resume import plan_resume
+from backdoor_train.storage.runstore import RunStore
 from backdoor_train.storage import LocalStorage
 
 

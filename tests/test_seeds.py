@@ -10,12 +10,12 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
-from backdoor_train.experiment import check_existing_run, finished_run, record_config
-from backdoor_train.runstore import RESULTS
-from backdoor_train.report import SECTIONS
-from backdoor_train.seeds import aggregate, seed_experiments
+from backdoor_train.runs.experiment import check_existing_run, finished_run, record_config
+from backdoor_train.storage.runstore import RESULTS
+from backdoor_train.reporting.html import SECTIONS
+from backdoor_train.runs.seeds import aggregate, seed_experiments
 from backdoor_train.storage import open_storage
-from backdoor_train.sweep import load_sweep, summarize
+from backdoor_train.runs.sweep import load_sweep, summarize
 
 from conftest import small_config
 
@@ -108,7 +108,7 @@ def test_a_name_is_either_one_seed_or_many(tmp_path, mnist_path):
 
 
 def test_a_seed_folder_of_another_setting_is_refused_before_any_training(tmp_path, mnist_path):
-    from backdoor_train.trials import run_trials
+    from backdoor_train.runs.trials import run_trials
 
     cfg = small_config(mnist_path, str(tmp_path / "runs"), name="multi", seeds=[1, 2])
     first, second = seed_experiments(cfg)

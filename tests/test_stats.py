@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, paired_difference, t_critical
+from backdoor_train.runs.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, paired_difference, t_critical
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (7, 2.3646), (15, 2.1314), (1000, 1.9623)])

@@ -11,10 +11,10 @@ import yaml
 
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
-from backdoor_train.report import SECTIONS
-from backdoor_train.raysession import ClusterError
-from backdoor_train.sweep import load_sweep
-from backdoor_train.trials import trials_at_once
+from backdoor_train.reporting.html import SECTIONS
+from backdoor_train.training.raysession import ClusterError
+from backdoor_train.runs.sweep import load_sweep
+from backdoor_train.runs.trials import trials_at_once
 
 from conftest import REPO_ROOT
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backdoor_train.config import ConfigError, ExperimentConfig
-from backdoor_train.triggers import (TRIGGERS, BlendTrigger, PatchTrigger, PixelTrigger, apply_trigger,
+from backdoor_train.attack.triggers import (TRIGGERS, BlendTrigger, PatchTrigger, PixelTrigger, apply_trigger,
                                      blend_pattern, checkerboard)
 
 
@@ -124,7 +124,7 @@ def test_a_trigger_that_is_not_a_mapping_of_a_kind_is_named(trigger, message):
 def test_a_sweep_over_the_trigger_kind_keeps_each_kinds_own_keys(tmp_path):
     import yaml
 
-    from backdoor_train.sweep import load_sweep
+    from backdoor_train.runs.sweep import load_sweep
 
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"poison": {"trigger": {"kind": "pixel", "row": 5}}}))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(

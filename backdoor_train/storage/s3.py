@@ -18,7 +18,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from backdoor_train.config import StorageConfig
-from backdoor_train.retry import botocore_connection_errors, is_transient, retry_transient
+from backdoor_train.storage.retry import botocore_connection_errors, is_transient, retry_transient
 from backdoor_train.storage.base import Storage, StorageError
 
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from backdoor_train.resnet import ResNet18
+from backdoor_train.models.resnet import ResNet18
 
 if TYPE_CHECKING:
-    from backdoor_train.data import DatasetSpec
+    from backdoor_train.data.split import DatasetSpec
 
 
 class ArticleCNN(nn.Module):

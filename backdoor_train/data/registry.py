@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from backdoor_train.cifar10 import CIFAR10
-from backdoor_train.data import DataError, DatasetSpec, Split
-from backdoor_train.mnist import MNIST
+from backdoor_train.data.cifar10 import CIFAR10
+from backdoor_train.data.split import DataError, DatasetSpec, Split
+from backdoor_train.data.mnist import MNIST
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, CIFAR10)}
 

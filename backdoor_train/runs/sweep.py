@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backdoor_train.config import ConfigError, ExperimentConfig, apply_override, check_name, load_config, read_yaml
-from backdoor_train.experiment import absolute_paths
-from backdoor_train.seeds import format_statistics, seed_row, seed_statistics
-from backdoor_train.runstore import SweepStore, child_path
+from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.runs.seeds import format_statistics, seed_row, seed_statistics
+from backdoor_train.storage.runstore import SweepStore, child_path
 from backdoor_train.storage import Storage, open_storage
-from backdoor_train.trials import run_trials
-from backdoor_train.triggers import TRIGGERS
+from backdoor_train.runs.trials import run_trials
+from backdoor_train.attack.triggers import TRIGGERS
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from typing import Any, Optional
 import torch
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import to_float
-from backdoor_train.datasource import load_splits
-from backdoor_train.evaluate import attack_mask
-from backdoor_train.runstore import RunStore, SweepStore
+from backdoor_train.data.split import to_float
+from backdoor_train.storage.staging import load_splits
+from backdoor_train.attack.evaluate import attack_mask
+from backdoor_train.storage.runstore import RunStore, SweepStore
 from backdoor_train.storage import Storage, StorageError, open_storage
-from backdoor_train.triggers import apply_trigger
+from backdoor_train.attack.triggers import apply_trigger
 
 SECTIONS = ("Summary", "Training curves", "Clean accuracy vs ASR", "ASR vs poison rate",
             "Example images", "Detection")
@@ -96,7 +96,7 @@ def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
 
 def _statistics_table(stats: dict[str, Any], label: str = "") -> tuple[list[str], list[list[Any]]]:
     """Header and rows of ``seeds.seed_statistics``, each row prefixed with ``label`` if given."""
-    from backdoor_train.stats import fmt_pct, fmt_pp, fmt_range
+    from backdoor_train.runs.stats import fmt_pct, fmt_pp, fmt_range
 
     rows = [[label, v, f["clean_accuracy"]["n"], fmt_pct(f["clean_accuracy"]), fmt_pct(f["attack_success_rate"]),
              fmt_range(f["attack_success_rate"])]
@@ -201,7 +201,7 @@ def _per_label(methods: dict[str, Any]) -> str:
 
     import matplotlib.pyplot as plt
 
-    from backdoor_train.detect import REF_RATIO, TAIL_RATIO
+    from backdoor_train.defenses.activations import REF_RATIO, TAIL_RATIO
 
     ratio = methods["activation_clustering"]["clean_share_ratio"]
     tail = methods["spectral_signatures"]["score_tail"]
@@ -312,7 +312,7 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
 
 def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any]) -> str:
     """The report of a multi-seed experiment (seeds.py): statistics over seeds first."""
-    from backdoor_train.seeds import seed_experiments
+    from backdoor_train.runs.seeds import seed_experiments
 
     if not results["per_seed"]:
         raise StorageError(f"{storage.key_uri(cfg.name)}: no seed has finished, there is nothing to report")
@@ -338,8 +338,8 @@ def sweep_report(sweep: Any, store: SweepStore, summary: dict[str, Any]) -> str:
     """The report of a sweep whose folder is ``store``; its trials are experiments in it."""
     import matplotlib.pyplot as plt
 
-    from backdoor_train.seeds import by_epoch_over_seeds
-    from backdoor_train.sweep import summarize
+    from backdoor_train.runs.seeds import by_epoch_over_seeds
+    from backdoor_train.runs.sweep import summarize
 
     trials = {t["name"]: t for t in summary["trials"]}
     results = {name: store.trial(name).read_results() for name in trials}

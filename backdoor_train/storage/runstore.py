@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.poison import PoisonManifest
+from backdoor_train.attack.poison import PoisonManifest
 from backdoor_train.storage import Storage, StorageError
 
 CONFIG = "config.json"
@@ -120,9 +120,9 @@ class RunStore:
 
     def read_model(self, variant: str, cfg: ExperimentConfig) -> torch.nn.Module:
         """``variant``'s final model, built as ``cfg`` says (architecture, dataset)."""
-        from backdoor_train.model import build_model
+        from backdoor_train.models.registry import build_model
 
-        from backdoor_train.checkpointing import CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load
+        from backdoor_train.storage.safeload import CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load
 
         data = self.storage.read_bytes(self.key(variant, MODEL))
         model = build_model(cfg.model.arch, cfg.dataset)

@@ -124,7 +124,7 @@ def cause_of(exc: BaseException) -> str:
 
 def kept_checkpoints(storage: Any, store: Any, variants: list[str]) -> str:
     """What a rerun resumes from: each variant's newest committed checkpoint."""
-    from backdoor_train.checkpointing import CHECKSUM_FILE, STATE_FILE, checkpoint_epoch, checkpoint_folders
+    from backdoor_train.training.checkpoint import CHECKSUM_FILE, STATE_FILE, checkpoint_epoch, checkpoint_folders
 
     kept = []
     for variant in variants:
@@ -142,7 +142,7 @@ def kept_checkpoints(storage: Any, store: Any, variants: list[str]) -> str:
 
 def save_traceback(text: str, variant: str) -> Optional[str]:
     """The workers' tracebacks, to a file in Ray's logs folder (else the temp folder)."""
-    from backdoor_train.raysession import logs_dir
+    from backdoor_train.training.raysession import logs_dir
 
     folder = logs_dir() or tempfile.gettempdir()
     path = os.path.join(folder, f"backdoor-train-{variant}-{time.strftime('%Y%m%d-%H%M%S')}.traceback")

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.experiment import finished_run, refuse_other_setting
-from backdoor_train.fitting import check_cluster
+from backdoor_train.runs.experiment import finished_run, refuse_other_setting
+from backdoor_train.training.fitting import check_cluster
 from backdoor_train.storage import open_storage
 
 
@@ -36,7 +36,7 @@ def trials_at_once(trials: list[ExperimentConfig], max_concurrent: int,
 
 
 def _run_trial(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    from backdoor_train.experiment import run_experiment
+    from backdoor_train.runs.experiment import run_experiment
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     return run_experiment(cfg, log=lambda m: print(f"[{cfg.name}] {m}", flush=True))

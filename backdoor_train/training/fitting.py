@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig, StorageConfig
-from backdoor_train.failures import FitFailed, fit_failed, quiet_controller_tracebacks
-from backdoor_train.raysession import apply_train_env, fits_at_once
-from backdoor_train.resume import prepare_resume, write_snapshot
-from backdoor_train.runstore import RunStore
+from backdoor_train.training.failures import FitFailed, fit_failed, quiet_controller_tracebacks
+from backdoor_train.training.raysession import apply_train_env, fits_at_once
+from backdoor_train.training.resume import prepare_resume, write_snapshot
+from backdoor_train.storage.runstore import RunStore
 from backdoor_train.storage import Storage
-from backdoor_train.train import train_loop_per_worker
+from backdoor_train.training.worker import train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     name in the variant's run folder) when Ray has no run snapshot to resume from."""
     import ray.train
 
-    from backdoor_train.rendezvous import StoreBoundTorchConfig
+    from backdoor_train.training.rendezvous import StoreBoundTorchConfig
 
     apply_train_env()
     storage_path, filesystem = storage.ray_storage()

@@ -20,8 +20,8 @@ import time
 from typing import Any, Callable
 
 from backdoor_train.config import DataConfig, ExperimentConfig
-from backdoor_train.data import DataError, DatasetSpec, Split, read_raw
-from backdoor_train.datasets import get_dataset, load_split
+from backdoor_train.data.split import DataError, DatasetSpec, Split, read_raw
+from backdoor_train.data.registry import get_dataset, load_split
 
 ENV_CACHE_DIR = "BACKDOOR_TRAIN_CACHE_DIR"
 

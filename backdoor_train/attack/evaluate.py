@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backdoor_train.config import PoisonConfig
-from backdoor_train.data import Split, to_float
-from backdoor_train.triggers import apply_trigger
+from backdoor_train.attack.poison import PoisonConfig
+from backdoor_train.data.split import Split, to_float
+from backdoor_train.attack.triggers import apply_trigger
 
 
 @dataclass(frozen=True)

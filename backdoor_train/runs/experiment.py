@@ -10,16 +10,16 @@ import uuid
 from typing import Any, Callable
 
 from backdoor_train.config import VARIANTS, ConfigError, ExperimentConfig
-from backdoor_train.datasource import load_splits
-from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.fitting import FitSpec, check_cluster, fit_variants
-from backdoor_train.metrics import make_run_metrics
-from backdoor_train.poison import build_poisoned
-from backdoor_train.resume import ResumePlan, plan_resume
-from backdoor_train.runlock import run_lock
-from backdoor_train.runstore import CONFIG, RESULTS, RunStore
+from backdoor_train.storage.staging import load_splits
+from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.training.fitting import FitSpec, check_cluster, fit_variants
+from backdoor_train.training.metrics import make_run_metrics
+from backdoor_train.attack.poison import build_poisoned
+from backdoor_train.training.resume import ResumePlan, plan_resume
+from backdoor_train.storage.runlock import run_lock
+from backdoor_train.storage.runstore import CONFIG, RESULTS, RunStore
 from backdoor_train.storage import Storage, StorageError, open_storage
-from backdoor_train.train import restore_model
+from backdoor_train.training.worker import restore_model
 
 # Keys that may differ when an experiment is rerun under the same name: they change how or
 # where it runs, or how long, not what a resumed checkpoint was trained on.

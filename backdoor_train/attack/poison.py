@@ -13,15 +13,40 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from backdoor_train.config import PoisonConfig
-from backdoor_train.data import Split
-from backdoor_train.triggers import Trigger, apply_trigger
+from backdoor_train.checks import check
+from backdoor_train.data.split import Split
+from backdoor_train.attack.triggers import PixelTrigger, Trigger, apply_trigger
+
+
+# How the poisoned images are drawn (below): "article" is the article's own
+# torch.manual_seed(seed); torch.randperm(N)[:n], "numpy" numpy's PCG64 choice (before 0.2).
+SELECTIONS = ("article", "numpy")
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    rate: float = 0.01
+    target: int = 8
+    trigger: Trigger = field(default_factory=PixelTrigger)
+    # Poison only images of these true classes (empty: any class, the article's setting).
+    source_classes: tuple[int, ...] = ()
+    selection: str = "article"
+
+    def __post_init__(self) -> None:
+        check(self.selection in SELECTIONS,
+               f"poison.selection must be one of {list(SELECTIONS)} (got {self.selection!r})")
+        check(0.0 <= self.rate <= 1.0, f"poison.rate must be in [0, 1] (got {self.rate})")
+        check(self.target >= 0, f"poison.target must be a class, >= 0 (got {self.target})")
+        for c in self.source_classes:
+            check(c >= 0 and c != self.target,
+                  f"poison.source_classes must hold classes other than poison.target (got {c})")
+        check(len(set(self.source_classes)) == len(self.source_classes), "poison.source_classes must not repeat")
 
 
 def poison_count(n_total: int, rate: float) -> int:

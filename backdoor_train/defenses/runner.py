@@ -14,16 +14,16 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.datasource import load_splits
-from backdoor_train.defenses import DEFENSES, remote_options, run_defense, split_test
-from backdoor_train.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.experiment import absolute_paths
-from backdoor_train.fitting import FitSpec, fit_variants
-from backdoor_train.poison import build_poisoned, dataset_sha256
-from backdoor_train.runlock import run_lock
-from backdoor_train.runstore import MANIFEST, RunStore
+from backdoor_train.storage.staging import load_splits
+from backdoor_train.defenses.registry import DEFENSES, remote_options, run_defense, split_test
+from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.training.fitting import FitSpec, fit_variants
+from backdoor_train.attack.poison import build_poisoned, dataset_sha256
+from backdoor_train.storage.runlock import run_lock
+from backdoor_train.storage.runstore import MANIFEST, RunStore
 from backdoor_train.storage import StorageError, open_storage
-from backdoor_train.train import restore_model, without
+from backdoor_train.training.worker import restore_model, without
 
 METHODS = ("activation_clustering", "spectral_signatures")
 

@@ -17,14 +17,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from backdoor_train.checkpointing import (checkpoint_dir_name, load_state, load_with_fallback, save_state,
+from backdoor_train.training.checkpoint import (checkpoint_dir_name, load_state, load_with_fallback, save_state,
                                           set_rng_state, upload_checkpoint)
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.data import Split, to_float
-from backdoor_train.evaluate import build_eval_sets, eval_counts
-from backdoor_train.failures import quiet_worker_tracebacks
-from backdoor_train.model import build_model, unwrap
-from backdoor_train.poison import build_poisoned
+from backdoor_train.data.split import Split, to_float
+from backdoor_train.attack.evaluate import build_eval_sets, eval_counts
+from backdoor_train.training.failures import quiet_worker_tracebacks
+from backdoor_train.models.registry import build_model, unwrap
+from backdoor_train.attack.poison import build_poisoned
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -85,9 +85,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from backdoor_train.datasource import load_splits
-    from backdoor_train.metrics import make_worker_metrics
-    from backdoor_train.poison import dataset_sha256
+    from backdoor_train.storage.staging import load_splits
+    from backdoor_train.training.metrics import make_worker_metrics
+    from backdoor_train.attack.poison import dataset_sha256
 
     setup_started = time.perf_counter()
     _quiet_report_log()

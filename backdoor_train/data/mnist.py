@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backdoor_train.data import DataError, DatasetSpec, Split, read_raw
+from backdoor_train.data.split import DataError, DatasetSpec, Split, read_raw
 
 SPLIT_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

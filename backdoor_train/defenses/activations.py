@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from backdoor_train.data import Split, to_float
-from backdoor_train.model import unwrap
+from backdoor_train.data.split import Split, to_float
+from backdoor_train.models.registry import unwrap
 
 REF_RATIO = 0.2  # activation clustering: a cluster the clean images avoid this much is flagged
 TAIL_RATIO = 3.0  # spectral signatures: a label whose tail is this many times the median is flagged

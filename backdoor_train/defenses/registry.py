@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from backdoor_train.config import ConfigError, ExperimentConfig
-from backdoor_train.data import Split, to_float
+from backdoor_train.data.split import Split, to_float
 
 DEFENSES = ("activations", "neural_cleanse", "strip")
 ENTROPY_BINS = 40
@@ -49,8 +49,8 @@ def _rounded(t: torch.Tensor) -> list:
 def run_defense(kind: str, cfg_dict: dict[str, Any], state: dict[str, torch.Tensor],
                 poisoned_indices: list[int]) -> dict[str, Any]:
     """One defense (``DEFENSES``) on the model with weights ``state``; a JSON-ready dict."""
-    from backdoor_train.datasource import load_splits
-    from backdoor_train.model import build_model
+    from backdoor_train.storage.staging import load_splits
+    from backdoor_train.models.registry import build_model
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     device = _device(cfg)
@@ -60,8 +60,8 @@ def run_defense(kind: str, cfg_dict: dict[str, Any], state: dict[str, torch.Tens
     train, test = load_splits(cfg)
     clean, held = split_test(test, cfg.defense.clean_samples)
     if kind == "activations":
-        from backdoor_train.detect import detect
-        from backdoor_train.poison import build_poisoned
+        from backdoor_train.defenses.activations import detect
+        from backdoor_train.attack.poison import build_poisoned
 
         poisoned, _ = build_poisoned(train, cfg.poison, cfg.seed)
         return detect(model, poisoned, frozenset(poisoned_indices), clean, rate_bound=max(cfg.poison.rate, 1e-4),
@@ -78,9 +78,9 @@ def _strip(cfg: ExperimentConfig, model: torch.nn.Module, clean: Split, held: Sp
            device: torch.device) -> dict[str, Any]:
     import math
 
-    from backdoor_train.evaluate import attack_mask
-    from backdoor_train.strip import strip
-    from backdoor_train.triggers import apply_trigger
+    from backdoor_train.attack.evaluate import attack_mask
+    from backdoor_train.defenses.strip import strip
+    from backdoor_train.attack.triggers import apply_trigger
 
     triggered = apply_trigger(held.images[attack_mask(held.labels, cfg.poison)], cfg.poison.trigger)
     found = strip(model, to_float(clean.images).to(device), to_float(held.images).to(device),
@@ -98,8 +98,8 @@ def _strip(cfg: ExperimentConfig, model: torch.nn.Module, clean: Split, held: Sp
 
 def _neural_cleanse(cfg: ExperimentConfig, model: torch.nn.Module, clean: Split, held: Split,
                     device: torch.device) -> dict[str, Any]:
-    from backdoor_train.cleanse import mask_mass_near, neural_cleanse, unlearn
-    from backdoor_train.evaluate import build_eval_sets, full_evaluation
+    from backdoor_train.defenses.cleanse import mask_mass_near, neural_cleanse, unlearn
+    from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
 
     x, y = to_float(clean.images).to(device), clean.labels.to(device)
     found = neural_cleanse(model, x, y, cfg.dataset.num_classes, steps=cfg.defense.cleanse_steps, seed=cfg.seed)

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from backdoor_train.checkpointing import checkpoint_epoch, checkpoint_folders, newest_valid_checkpoint
-from backdoor_train.retry import retry_transient
+from backdoor_train.training.checkpoint import checkpoint_epoch, checkpoint_folders, newest_valid_checkpoint
+from backdoor_train.storage.retry import retry_transient
 from backdoor_train.storage import Storage, atomic_write_local
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # ray.train.v2 constants, Ray 2.58

@@ -100,7 +100,7 @@ def logs_dir() -> Optional[str]:
 
 def _job_env(api: str) -> dict[str, str]:
     """The job's runtime environment variables: every actor and worker of the job gets them."""
-    from backdoor_train.failures import DEBUG_ENV
+    from backdoor_train.training.failures import DEBUG_ENV
 
     env = {API_SERVER_ENV: api}
     if os.environ.get(DEBUG_ENV):
@@ -137,7 +137,7 @@ def _unsecured_warning(listen: str) -> Optional[str]:
         missing.append("has no token authentication")
     if not missing:
         return None
-    return (f"ray was imported before backdoor_train.raysession.prepare_local_cluster(), so the local Ray "
+    return (f"ray was imported before backdoor_train.training.raysession.prepare_local_cluster(), so the local Ray "
             f"cluster {' and '.join(missing)}")
 
 

@@ -16,7 +16,7 @@ import pickle
 import numpy as np
 import torch
 
-from backdoor_train.data import DataError, DatasetSpec, Split, read_raw
+from backdoor_train.data.split import DataError, DatasetSpec, Split, read_raw
 
 try:  # numpy >= 2 moved numpy.core to numpy._core (the old name still warns or is gone)
     from numpy._core.multiarray import _reconstruct

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from backdoor_train.runstore import RunStore
+from backdoor_train.storage.runstore import RunStore
 
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0

@@ -22,13 +22,13 @@ import uuid
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.experiment import absolute_paths, check_existing_run, record_config, refuse_other_setting
-from backdoor_train.fitting import check_cluster
-from backdoor_train.runlock import refuse_if_running, run_lock
-from backdoor_train.runstore import RunStore, child_path
-from backdoor_train.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
+from backdoor_train.runs.experiment import absolute_paths, check_existing_run, record_config, refuse_other_setting
+from backdoor_train.training.fitting import check_cluster
+from backdoor_train.storage.runlock import refuse_if_running, run_lock
+from backdoor_train.storage.runstore import RunStore, child_path
+from backdoor_train.runs.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
-from backdoor_train.trials import run_trials
+from backdoor_train.runs.trials import run_trials
 
 ASR_REACHED = 0.5  # "the backdoor is learned": the first epoch whose ASR reaches this
 

@@ -1,5 +1,5 @@
 """The one error a bad configuration value raises, and the check that raises it: shared by
-config.py and by the components that own their own config (triggers.py)."""
+config.py and by the components that own their own config (attack/triggers.py, attack/poison.py)."""
 
 from __future__ import annotations
 

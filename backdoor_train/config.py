@@ -31,7 +31,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A dataset registered in datasets.py; its files are under ``root`` in torchvision's layout.
+    # A dataset registered in data/registry.py; its files are under ``root`` in torchvision's layout.
     name: str = "mnist"
     root: str = "../shared/datasets/mnist"
     download: bool = False
@@ -163,7 +163,7 @@ class DefenseConfig:
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 1
-    # Non-empty: the paired experiment runs once per seed (seeds.py) and reports statistics
+    # Non-empty: the paired experiment runs once per seed (runs/seeds.py) and reports statistics
     # over them; ``seed`` then equals the first (load_config sees to it).
     seeds: tuple[int, ...] = ()
     variants: tuple[str, ...] = VARIANTS
@@ -200,7 +200,7 @@ class ExperimentConfig:
 
     @property
     def dataset(self) -> Any:
-        """The ``DatasetSpec`` of ``data.name`` (datasets.py)."""
+        """The ``DatasetSpec`` of ``data.name`` (data/registry.py)."""
         from backdoor_train.data.registry import get_dataset
 
         return get_dataset(self.data.name)
@@ -253,7 +253,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp == Trigger:
-        # A tagged union: ``kind`` picks the trigger's own config (triggers.py).
+        # A tagged union: ``kind`` picks the trigger's own config (attack/triggers.py).
         check(isinstance(value, dict), f"{key} must be a mapping (got {value!r})")
         kind = value.get("kind", PixelTrigger.kind)
         check(isinstance(kind, str) and kind in TRIGGERS, f"{key}.kind must be one of {list(TRIGGERS)} (got {kind!r})")

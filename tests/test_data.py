@@ -1,4 +1,4 @@
-"""The dataset seam (data.py, datasets.py) and MNIST through it: real MNIST's figures, and
+"""The dataset seam (data/split.py, data/registry.py) and MNIST through it: real MNIST's figures, and
 refusing broken copies (synthetic IDX files written here, so those tests need no MNIST)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Neural Cleanse, unlearning and STRIP (cleanse.py, strip.py) on a synthetic backdoored model:
+"""Neural Cleanse, unlearning and STRIP (defenses/cleanse.py, defenses/strip.py) on a synthetic backdoored model:
 a fixed linear classifier of random images plus a backdoor, pixel (3, 3) bright → class 8.
 Pure unit tests: no MNIST, no Ray (the real-data runs are in test_detect.py and the README)."""
 

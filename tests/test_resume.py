@@ -1,4 +1,4 @@
-"""Where a rerun resumes (resume.py) and riding out storage outages (retry.py): unit tests on
+"""Where a rerun resumes (training/resume.py) and riding out storage outages (storage/retry.py): unit tests on
 small synthetic checkpoints in a local ``Storage``; no Ray cluster (the real runs are in
 test_integration_resume.py)."""
 
@@ -155,7 +155,7 @@ def test_a_failed_snapshot_write_leaves_the_previous_one_only_when_durable(tmp_p
         assert [p.name for p in tmp_path.iterdir()] == [SNAPSHOT_FILE]  # no temp file left
 
 
-# --- retry.py ---------------------------------------------------------------------------
+# --- storage/retry.py ---------------------------------------------------------------------------
 
 def _client_error(status: int, code: str):
     from botocore.exceptions import ClientError

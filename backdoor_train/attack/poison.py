@@ -1,4 +1,4 @@
-"""Data poisoning: a seeded choice of indices, stamping the trigger (triggers.py) on them,
+"""Data poisoning: a seeded choice of indices, stamping the trigger (attack/triggers.py) on them,
 and the manifest that records it.
 
 Everything works on uint8 image tensors [N, C, H, W] (the stored values) and returns new

@@ -1,6 +1,6 @@
 """The registry of datasets ``data.name`` chooses from, and loading a config's splits.
 
-A dataset is one module exporting a ``DatasetSpec`` (data.py); adding one means writing that
+A dataset is one module exporting a ``DatasetSpec`` (data/split.py); adding one means writing that
 module and one line here.
 """
 

@@ -1,8 +1,8 @@
 """What a dataset is to the rest of the code: a ``Split`` of uint8 [N, C, H, W] images and
 int64 labels, and the ``DatasetSpec`` that describes one dataset (classes, shape, files).
 
-Each dataset lives in its own module (mnist.py, cifar10.py) and is registered in
-datasets.py; triggers, models, evaluation, reports and staging read shapes from the spec.
+Each dataset lives in its own module (data/mnist.py, data/cifar10.py) and is registered in
+data/registry.py; triggers, models, evaluation, reports and staging read shapes from the spec.
 Images are kept as stored (0..255, no normalisation): triggers stamp pixel values, and
 ``to_float`` makes the [0, 1] floats a model sees.
 """

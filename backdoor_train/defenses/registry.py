@@ -1,13 +1,13 @@
 """The defenses of `backdoor-train detect`, each one Ray task on the poisoned model (on a GPU
-with ``scaling.use_gpu``), all at once; defense.py launches them and writes detection.json.
+with ``scaling.use_gpu``), all at once; defenses/runner.py launches them and writes detection.json.
 
 * ``activations``: activation clustering and spectral signatures on the training set the
   model saw, with the defender's clean images as reference, scored against the poison
-  manifest (detect.py);
+  manifest (defenses/activations.py);
 * ``neural_cleanse``: a trigger reverse-engineered per class from the defender's clean images,
-  the anomalous class flagged, and the flagged trigger unlearned (cleanse.py), with clean
+  the anomalous class flagged, and the flagged trigger unlearned (defenses/cleanse.py), with clean
   accuracy and ASR before and after;
-* ``strip``: input filtering by prediction entropy over blends (strip.py): FRR and FAR.
+* ``strip``: input filtering by prediction entropy over blends (defenses/strip.py): FRR and FAR.
 
 The defender's clean images are the first ``defense.clean_samples`` test images; every
 figure is measured on the test images after them (``split_test``).

@@ -1,7 +1,7 @@
 """Running the defenses on a finished experiment, and optionally retraining without the flagged samples.
 
 Reads the poisoned model and the poison manifest from the experiment's run store, runs every
-defense (defenses.py) as a Ray task, all at once, and writes ``detection.json`` there. With
+defense (defenses/registry.py) as a Ray task, all at once, and writes ``detection.json`` there. With
 ``retrain``, each named method's flagged samples are removed and a ``filtered-<method>`` model
 is trained with the same config on Ray (all at once); their clean accuracy and ASR are added
 to the file under ``retrain.<method>``.
@@ -106,7 +106,7 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
 
 
 def _run_defenses(cfg: ExperimentConfig, model: Any, poisoned_indices: list[int]) -> dict[str, Any]:
-    """Every defense of defenses.py as a Ray task on the connected cluster, all at once."""
+    """Every defense of defenses/registry.py as a Ray task on the connected cluster, all at once."""
     import ray
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

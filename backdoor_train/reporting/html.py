@@ -196,7 +196,7 @@ def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> st
 
 
 def _per_label(methods: dict[str, Any]) -> str:
-    """What each detection method decided on, per training label (detect.py)."""
+    """What each detection method decided on, per training label (defenses/activations.py)."""
     import statistics
 
     import matplotlib.pyplot as plt
@@ -311,7 +311,7 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
 
 
 def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any]) -> str:
-    """The report of a multi-seed experiment (seeds.py): statistics over seeds first."""
+    """The report of a multi-seed experiment (runs/seeds.py): statistics over seeds first."""
     from backdoor_train.runs.seeds import seed_experiments
 
     if not results["per_seed"]:

@@ -1,5 +1,5 @@
 """The driver: poison once, train the variants (at once, a TorchTrainer each), evaluate, write
-results through the run store (runstore.py, which also shows the layout)."""
+results through the run store (storage/runstore.py, which also shows the layout)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def check_existing_run(cfg: ExperimentConfig, storage: Storage,
     """Rerunning an experiment name resumes it; refuse when the earlier run trained something
     else, or when all its checkpoints are corrupt. Writes nothing: ``record_config`` does, once
     training is about to start, so a run refused before it leaves the name free. Returns where
-    each variant resumes (resume.py), which the fits carry out."""
+    each variant resumes (training/resume.py), which the fits carry out."""
     refuse_other_setting(cfg, storage)
     store = RunStore(storage, cfg.name)
     return {variant: plan_resume(storage, store.variant_prefix(variant), log)

@@ -5,7 +5,7 @@ One seed says little: the backdoor is learned abruptly, somewhere between epochs
 and when depends on the seed. ``seeds: [1, 2, ...]`` (or ``--seeds 1-16``) runs the experiment once per
 seed and reports, per variant, mean, standard deviation and 95% t interval of clean accuracy
 and ASR, the paired difference in clean accuracy, the per-epoch ASR over seeds and the epoch
-at which each seed's ASR first reaches 50%. Stored (runstore.py) as ``<name>/config.json``
+at which each seed's ASR first reaches 50%. Stored (storage/runstore.py) as ``<name>/config.json``
 (the multi-seed config: seeds may be added on a rerun), ``<name>/seed-<s>/`` (one full
 experiment per seed) and ``<name>/results.json`` (per-seed rows and the statistics).
 

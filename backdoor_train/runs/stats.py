@@ -1,6 +1,6 @@
 """Statistics over seeds: the one place that turns per-seed figures into mean, spread and interval.
 
-Multi-seed experiments (seeds.py) and sweeps (sweep.py) both describe their seeds with
+Multi-seed experiments (runs/seeds.py) and sweeps (runs/sweep.py) both describe their seeds with
 ``describe``, so a sweep over seeds and a multi-seed experiment report the same figures for
 the same runs. The interval is Student t's: seeds are few (8-16) and their figures are not
 known to be normal, but t is what a reader expects and it is honest about small n.

@@ -11,10 +11,10 @@ A sweep file names a base experiment and a grid of dotted keys to values::
     max_concurrent: 2
 
 Every grid point is one trial: a full experiment with its own name, manifest and results,
-stored under ``<storage.path>/<sweep name>/``. Trials run as Ray tasks (trials.py), at most
+stored under ``<storage.path>/<sweep name>/``. Trials run as Ray tasks (runs/trials.py), at most
 ``max_concurrent`` at once; trials finished earlier with the same setting are reused. The
 summary groups trials that differ only in ``seed`` and describes each group as a multi-seed
-experiment does (seeds.py): mean, standard deviation, 95% t interval, min and max of clean
+experiment does (runs/seeds.py): mean, standard deviation, 95% t interval, min and max of clean
 accuracy and ASR, and the paired clean-accuracy difference.
 """
 

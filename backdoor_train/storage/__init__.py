@@ -2,7 +2,7 @@
 
 ``open_storage(cfg.storage)`` returns a ``Storage`` rooted at ``storage.path``: base.py is
 the protocol, local.py and s3.py its backends, arrow.py the same protocol over the pyarrow
-filesystem Ray Train hands its workers. Which artifact lives under which key is runstore.py's.
+filesystem Ray Train hands its workers. Which artifact lives under which key is storage/runstore.py's.
 Ray Train gets the same root through ``ray_storage()`` for its checkpoints.
 """
 

@@ -6,7 +6,7 @@ place a key is spelled. Layout under ``storage.path`` (a local directory or s3:/
     <name>/results.json                   figures of every variant plus the config
     <name>/detection.json                 `backdoor-train detect`'s findings
     <name>/report.html                    `backdoor-train report --store`
-    <name>/run.lock                       held while a run writes (runlock.py)
+    <name>/run.lock                       held while a run writes (storage/runlock.py)
     <name>/<variant>/                     Ray Train's run folder: checkpoint_epoch_NNNN/, snapshot
     <name>/<variant>/model.pt             final weights (state_dict) of the variant
     <name>/seed-<s>/...                   a multi-seed experiment: one experiment per seed

@@ -5,7 +5,7 @@ variables below, which boto3 users and MinIO deployments already set — never f
 config file, and they are never printed. boto3 handles artifacts and checks; a pyarrow
 ``S3FileSystem`` built from the same settings (with an explicit ``endpoint_override``)
 carries Ray Train's checkpoints. Both retry transient errors a few times themselves; the
-storage operations of a run are retried on top for ``storage.retry_seconds`` (retry.py), so
+storage operations of a run are retried on top for ``storage.retry_seconds`` (storage/retry.py), so
 an outage of seconds does not end it.
 """
 
@@ -139,7 +139,7 @@ def explain_s3_error(exc: BaseException, settings: S3Settings, what: str) -> Sto
 
 class S3Storage(Storage):
     """Keys below s3://bucket/prefix; each write is one PUT, so readers never see half a file.
-    Reads and writes ride out transient errors for ``retry_seconds`` (see retry.py)."""
+    Reads and writes ride out transient errors for ``retry_seconds`` (see storage/retry.py)."""
 
     def __init__(self, uri: str, settings: Optional[S3Settings] = None,
                  retry_seconds: float = StorageConfig.retry_seconds) -> None:

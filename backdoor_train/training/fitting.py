@@ -6,7 +6,7 @@ TorchTrainer with its own worker group: as many at once as the cluster's CPUs an
 (``scaling.gpus_per_worker: 0.5`` puts two on one GPU). Each fit is driven from a thread of the
 driver, as Ray Tune drives a TorchTrainer from its trainable. The first failure aborts the
 others through their controllers (Train's own graceful abort), and so does Ctrl-C; the error
-raised names the variant that failed. Before a fit starts, resume.py decides where it resumes;
+raised names the variant that failed. Before a fit starts, training/resume.py decides where it resumes;
 its controller writes Ray's run snapshot durably (resume.write_snapshot).
 """
 

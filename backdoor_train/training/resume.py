@@ -15,7 +15,7 @@ the workers load the checkpoint by name when Ray has none to give them (Ray Trai
 replacement for ``resume_from_checkpoint``). Either way the message names the checkpoint the
 workers load, and the workers print it again when they do.
 
-The controller writes its snapshot durably (``write_snapshot``, installed by fitting.py):
+The controller writes its snapshot durably (``write_snapshot``, installed by training/fitting.py):
 locally to a temp file renamed into place, so a full disk leaves the previous one; on object
 storage in one upload (atomic), retried across transient errors for ``storage.retry_seconds``.
 """

@@ -129,7 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch, history, ckpt_suffix = 0, [], ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
-        # The driver set Ray's run snapshot aside (resume.py) and names the checkpoint instead.
+        # The driver set Ray's run snapshot aside (training/resume.py) and names the checkpoint instead.
         storage = ctx.get_storage()
         checkpoint = ray.train.Checkpoint(path=storage.build_checkpoint_path_from_name(loop_config["resume_from"]),
                                           filesystem=storage.storage_filesystem)

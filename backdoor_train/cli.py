@@ -17,7 +17,6 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-DETECTION_METHODS = ("activation_clustering", "spectral_signatures")
 
 
 def _say(msg: str) -> None:
@@ -66,6 +65,7 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backdoor-train", description=__doc__.splitlines()[0])
     from backdoor_train.config import DataConfig
+    from backdoor_train.defenses.registry import retrain_methods
 
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect = sub.add_parser("detect", help="find the poisoned samples of a finished experiment")
     _add_config_args(detect)
     _add_address(detect)
-    detect.add_argument("--retrain", choices=DETECTION_METHODS, action="append", default=[],
+    # The methods of the registered defenses that flag training samples (defenses/registry.py).
+    detect.add_argument("--retrain", choices=list(retrain_methods()), action="append", default=[],
                         help="retrain without the samples this method flagged and measure the new ASR "
                              "(repeatable: the retrains run at once)")
 
@@ -119,17 +120,20 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from backdoor_train.data.split import DataError
     from backdoor_train.training.metrics import MetricsError
     from backdoor_train.training.raysession import ClusterError
+    from backdoor_train.results import ResultsError
     from backdoor_train.storage import StorageError
     from backdoor_train.runs.submit import SubmitError
 
-    return ConfigError, DataError, StorageError, CorruptCheckpointError, MetricsError, SubmitError, ClusterError
+    return (ConfigError, DataError, StorageError, ResultsError, CorruptCheckpointError, MetricsError, SubmitError,
+            ClusterError)
 
 
 def _preflight(cfg: Any, resuming_check: bool, load_data: bool = False) -> Any:
     """Everything that can be checked without Ray: data root (and, with ``load_data``, its
     files), storage, endpoints, earlier runs of the name. Writes nothing."""
     from backdoor_train.storage.staging import load_splits, resolve_data_root
-    from backdoor_train.runs.experiment import absolute_paths, check_existing_run
+    from backdoor_train.runs.experiment import check_existing_run
+    from backdoor_train.runs.locked import absolute_paths
     from backdoor_train.training.metrics import make_run_metrics
     from backdoor_train.storage.runlock import refuse_if_running
     from backdoor_train.runs.seeds import check_seed_folders, seed_experiments
@@ -172,11 +176,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _ray_init(args)
     if cfg.seeds:
         results = _running(lambda: run_seeds(cfg, log=_say))
-        print(json.dumps(results, indent=1) if args.json else "\n" + format_seed_results(results), flush=True)
-        return EXIT_FAILED if results["failures"] else 0
-    results = _running(lambda: run_experiment(cfg, log=_say))
-    print(json.dumps(results, indent=1) if args.json else "\n" + format_results(results), flush=True)
+        print(_json(results) if args.json else "\n" + format_seed_results(results), flush=True)
+        return EXIT_FAILED if results.failures else 0
+    one = _running(lambda: run_experiment(cfg, log=_say))
+    print(_json(one) if args.json else "\n" + format_results(one), flush=True)
     return 0
+
+
+def _json(results: Any) -> str:
+    """``run --json``: the results as results.json holds them, and where that is."""
+    return json.dumps({**results.to_dict(), "results_uri": results.results_uri}, indent=1)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -186,13 +195,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _preflight(sweep.base, resuming_check=False)
     _ray_init(args)
     summary = _running(lambda: run_sweep(sweep, log=_say))
-    print("\n" + format_summary(summary) + f"\n\nsummary: {summary['summary_uri']}", flush=True)
-    return EXIT_FAILED if summary["failures"] else 0
+    print("\n" + format_summary(summary) + f"\n\nsummary: {summary.summary_uri}", flush=True)
+    return EXIT_FAILED if summary.failures else 0
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from backdoor_train.config import ConfigError, load_config
-    from backdoor_train.defenses.runner import run_detection
+    from backdoor_train.runs.detection import run_detection
 
     cfg = load_config(args.config, args.overrides)
     if cfg.seeds:
@@ -208,7 +217,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from backdoor_train.config import ConfigError, read_yaml
-    from backdoor_train.runs.experiment import absolute_paths
+    from backdoor_train.runs.locked import absolute_paths
     from backdoor_train.reporting.html import experiment_report, sweep_report
     from backdoor_train.storage import StorageError, open_storage
     from backdoor_train.storage.runstore import RunStore, SweepStore
@@ -230,7 +239,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             RunStore(storage, cfg.name).write_report(page)
     except StorageError as exc:
         raise StorageError(f"{exc} (has {args.config} been run?)") from None
-    except (KeyError, TypeError, IndexError) as exc:  # valid JSON, but not what a run writes
+    except (KeyError, TypeError, IndexError) as exc:  # detection.json, still read by key (results.py checks the rest)
         raise StorageError(f"the stored results of {args.config} are incomplete or corrupt "
                            f"({type(exc).__name__}: {exc}); rerun it to rewrite them") from None
     out = args.out or f"{name}-report.html"

@@ -22,6 +22,7 @@ import yaml
 from backdoor_train.checks import MAX_SEED, ConfigError, check
 from backdoor_train.attack.poison import PoisonConfig
 from backdoor_train.attack.triggers import TRIGGERS, PixelTrigger, Trigger
+from backdoor_train.defenses.registry import defenses, knob_owners
 
 VARIANTS = ("clean", "poisoned")
 MAX_INT = 2**53  # integers a JSON reader (config.json, results.json) holds exactly
@@ -145,18 +146,47 @@ class MetricsConfig:
 class DefenseConfig:
     """`backdoor-train detect`: what the defender holds and how hard each defense tries. The
     defender's clean images are the first ``clean_samples`` test images; every figure of the
-    defenses is measured on the test images after them."""
+    defenses is measured on the test images after them. Each registered defense brings its own
+    knobs (defenses/registry.py, e.g. ``strip_frr``, Neural Cleanse's ``cleanse_steps``), flat
+    in YAML next to ``clean_samples`` (``defense.strip_frr``) and checked by the defense's own
+    dataclass; ``knobs`` holds one per defense, in registry order (``of`` picks one)."""
 
     clean_samples: int = 2000
-    cleanse_steps: int = 300  # Neural Cleanse: optimisation steps per class
-    strip_blends: int = 64  # STRIP: blends per input
-    strip_frr: float = 0.01  # STRIP: the false-rejection rate its threshold is set for
-    unlearn_epochs: int = 1  # unlearning the recovered trigger: epochs over the clean images
+    knobs: tuple[Any, ...] = field(default_factory=lambda: tuple(d.Knobs() for d in defenses()))
 
     def __post_init__(self) -> None:
-        for key in ("clean_samples", "cleanse_steps", "strip_blends", "unlearn_epochs"):
-            check(getattr(self, key) > 0, f"defense.{key} must be > 0 (got {getattr(self, key)})")
-        check(0 < self.strip_frr < 1, f"defense.strip_frr must be in (0, 1) (got {self.strip_frr})")
+        check(self.clean_samples > 0, f"defense.clean_samples must be > 0 (got {self.clean_samples})")
+
+    def of(self, defense: Any) -> Any:
+        """``defense``'s knobs (its defaults when it was registered after this config was built)."""
+        return next((k for k in self.knobs if type(k) is defense.Knobs), None) or defense.Knobs()
+
+    def __getattr__(self, name: str) -> Any:
+        # A knob by its YAML name (cfg.defense.strip_frr), whichever defense owns it.
+        for knobs in self.__dict__.get("knobs", ()):
+            if name in {f.name for f in dataclasses.fields(knobs)}:
+                return getattr(knobs, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat ``defense`` section, as YAML and every stored config hold it."""
+        return {"clean_samples": self.clean_samples,
+                **{k: v for knobs in self.knobs for k, v in dataclasses.asdict(knobs).items()}}
+
+    @classmethod
+    def from_flat(cls, data: Any, key: str) -> "DefenseConfig":
+        """The ``defense`` section ``data`` (found at ``key``): each knob to the defense that owns it."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key} must be a mapping (got {type(data).__name__})")
+        owners = knob_owners()
+        allowed = sorted({f.name for f in dataclasses.fields(cls) if f.name != "knobs"} | set(owners))
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ConfigError(f"unknown key {key}.{unknown[0]!s} (allowed at {key}: {allowed})")
+        shared = _build(cls, {k: v for k, v in data.items() if k not in owners}, f"{key}.")
+        knobs = tuple(_build(d.Knobs, {k: v for k, v in data.items() if owners.get(k) is d}, f"{key}.")
+                      for d in defenses())
+        return dataclasses.replace(shared, knobs=knobs)
 
 
 @dataclass(frozen=True)
@@ -206,7 +236,7 @@ class ExperimentConfig:
         return get_dataset(self.data.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "defense": self.defense.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
@@ -258,6 +288,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         kind = value.get("kind", PixelTrigger.kind)
         check(isinstance(kind, str) and kind in TRIGGERS, f"{key}.kind must be one of {list(TRIGGERS)} (got {kind!r})")
         return _build(TRIGGERS[kind][0], value, key + ".")
+    if tp is DefenseConfig:
+        return DefenseConfig.from_flat(value, key)  # flat in YAML, one dataclass per defense here
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:

@@ -42,7 +42,8 @@ from backdoor_train.config import ExperimentConfig, load_config
 from backdoor_train.data.split import to_float
 from backdoor_train.storage.staging import load_splits
 from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.runs.experiment import absolute_paths, run_experiment
+from backdoor_train.runs.experiment import run_experiment
+from backdoor_train.runs.locked import absolute_paths
 from backdoor_train.models.registry import build_model, unwrap
 from backdoor_train.attack.poison import build_poisoned
 from backdoor_train.training.raysession import connect, free_port
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results = run_experiment(one, log=lambda m: print(f"  ray: {m}", flush=True))
         ray_wall += time.perf_counter() - t0
-        ray_v = results["variants"][variant]
+        ray_v = results.variants[variant]
         print(f"  plain loops, {variant}: {cfg.scaling.num_workers} side by side...", flush=True)
         side = plain_side_by_side(cfg, variant)
         print(f"  plain DDP, {variant}: {cfg.scaling.num_workers} processes, torch.distributed (gloo)...", flush=True)
@@ -244,23 +245,23 @@ def main(argv: list[str] | None = None) -> int:
           f"(selection, trigger, labels and two sha256 of the set; median of 5): {poison_s * 1000:.1f} ms")
     print(f"{'run':<46} {'wall s':>8} {'samples/s/worker':>17} {'clean acc':>10} {'ASR':>8}")
     for variant, ray_v, side, ddp, alone, whole in rows:
-        hist = ray_v["history"]
-        print(f"{'ray ' + variant + ' (fit, incl. worker start)':<46} {ray_v['fit_seconds']:8.1f} "
-              f"{statistics.median(h['worker_samples_per_second'] for h in hist):17.0f} "
-              f"{ray_v['clean_accuracy']:10.2%} {ray_v['attack_success_rate']:8.2%}")
+        hist = ray_v.history
+        print(f"{'ray ' + variant + ' (fit, incl. worker start)':<46} {ray_v.fit_seconds:8.1f} "
+              f"{statistics.median(h.worker_samples_per_second for h in hist):17.0f} "
+              f"{ray_v.clean_accuracy:10.2%} {ray_v.attack_success_rate:8.2%}")
         for label, run in ((f"plain {variant}, {cfg.scaling.num_workers} side by side", side),
                            (f"plain DDP {variant}, {cfg.scaling.num_workers} processes, no Ray", ddp),
                            (f"plain {variant}, {per_worker_threads} thread(s) alone", alone),
                            (f"plain {variant}, {all_threads} thread(s)", whole)):
             acc = f"{run['clean_accuracy']:10.2%} {run['attack_success_rate']:8.2%}" if "clean_accuracy" in run else ""
             print(f"{label:<46} {run['wall']:8.1f} {statistics.median(run['samples_per_second']):17.0f} {acc}")
-        train_s = sum(h["epoch_seconds"] for h in hist)
-        eval_s = sum(h.get("eval_seconds", 0.0) for h in hist)
+        train_s = sum(h.epoch_seconds for h in hist)
+        eval_s = sum(h.eval_seconds or 0.0 for h in hist)
         print(f"  ray {variant} fit: {train_s:.1f} s training, {eval_s:.1f} s per-epoch evaluation, "
-              f"{ray_v['fit_seconds'] - train_s - eval_s:.1f} s start-up, checkpoints and shutdown")
+              f"{ray_v.fit_seconds - train_s - eval_s:.1f} s start-up, checkpoints and shutdown")
     print()
     for variant, ray_v, side, ddp, alone, _ in rows:
-        ray_sps = [h["worker_samples_per_second"] for h in ray_v["history"]]
+        ray_sps = [h.worker_samples_per_second for h in ray_v.history]
         for label, base in (("side by side", side), ("DDP without Ray", ddp), ("alone", alone)):
             ratios = [r / p for r, p in zip(ray_sps, base["samples_per_second"])]
             # The first epoch carries one-off warm-up on both sides; the median is over the rest.

@@ -35,7 +35,7 @@ from article_bench import spawn_ranks
 from backdoor_train.config import ExperimentConfig, load_config
 from backdoor_train.data.split import to_float
 from backdoor_train.storage.staging import load_splits
-from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.runs.locked import absolute_paths
 from backdoor_train.models.registry import build_model
 from backdoor_train.training.raysession import free_port
 from backdoor_train.training.worker import epoch_order, make_optimizer

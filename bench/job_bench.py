@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from backdoor_train.results import ExperimentResults
 from backdoor_train.storage.runstore import RunStore
 from backdoor_train.storage import LocalStorage
 
@@ -64,7 +65,7 @@ def timed(cmd: list[str], env: dict[str, str], log_path: str) -> float:
     return wall
 
 
-def run_job(config: str, overrides: list[str], work: str, name: str) -> tuple[float, dict]:
+def run_job(config: str, overrides: list[str], work: str, name: str) -> tuple[float, ExperimentResults]:
     """One whole ``backdoor-train run``: (wall seconds, its results.json)."""
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -75,7 +76,7 @@ def run_job(config: str, overrides: list[str], work: str, name: str) -> tuple[fl
         wall = timed(cmd, env, os.path.join(work, f"{name}.log"))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return wall, RunStore(LocalStorage(work), name).read_results()
+    return wall, RunStore(LocalStorage(work), name).read_experiment_results()
 
 
 def run_article_script(config: str, overrides: list[str], work: str, repeat: int) -> float:
@@ -84,30 +85,30 @@ def run_article_script(config: str, overrides: list[str], work: str, repeat: int
     return timed(cmd, dict(os.environ), os.path.join(work, f"article-script-{repeat}.log"))
 
 
-def print_job(results: dict) -> None:
-    for variant, v in results["variants"].items():
-        hist = v["history"]
-        train_s = sum(h["epoch_seconds"] for h in hist)
-        eval_s = sum(h.get("eval_seconds", 0.0) for h in hist)
-        sps = statistics.median(h["worker_samples_per_second"] for h in hist[1:] or hist)
-        print(f"  {variant:>10}: fit {v['fit_seconds']:6.1f} s = training {train_s:5.1f} s + evaluation "
-              f"{eval_s:4.1f} s + start-up, checkpoints, shutdown {v['fit_seconds'] - train_s - eval_s:5.1f} s;"
-              f" {sps:,.0f} samples/s per worker; clean acc {v['clean_accuracy']:.2%}, "
-              f"ASR {v['attack_success_rate']:.2%}")
+def print_job(results: ExperimentResults) -> None:
+    for variant, v in results.variants.items():
+        hist = v.history
+        train_s = sum(h.epoch_seconds for h in hist)
+        eval_s = sum(h.eval_seconds or 0.0 for h in hist)
+        sps = statistics.median(h.worker_samples_per_second for h in hist[1:] or hist)
+        print(f"  {variant:>10}: fit {v.fit_seconds:6.1f} s = training {train_s:5.1f} s + evaluation "
+              f"{eval_s:4.1f} s + start-up, checkpoints, shutdown {v.fit_seconds - train_s - eval_s:5.1f} s;"
+              f" {sps:,.0f} samples/s per worker; clean acc {v.clean_accuracy:.2%}, "
+              f"ASR {v.attack_success_rate:.2%}")
 
 
-def plain_comparison(config: str, overrides: list[str], results: dict) -> None:
+def plain_comparison(config: str, overrides: list[str], results: ExperimentResults) -> None:
     """Per-epoch throughput of the job's workers against the plain tensor-resident loop."""
     from article_bench import plain_loop
 
     from backdoor_train.config import load_config
-    from backdoor_train.runs.experiment import absolute_paths
+    from backdoor_train.runs.locked import absolute_paths
 
     cfg = absolute_paths(load_config(config, overrides))
     device = "cuda" if cfg.scaling.use_gpu else "cpu"
-    for variant, v in results["variants"].items():
+    for variant, v in results.variants.items():
         plain = plain_loop(cfg, variant, cfg.scaling.cpus_per_worker, device=device)
-        ray_sps = [h["worker_samples_per_second"] for h in v["history"]]
+        ray_sps = [h.worker_samples_per_second for h in v.history]
         ratios = [r / p for r, p in zip(ray_sps, plain["samples_per_second"])]
         steady = ratios[1:] or ratios
         print(f"  {variant:>10}: plain loop on {device} {plain['wall']:.1f} s, "
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         from article_bench import article_script
 
         from backdoor_train.config import load_config
-        from backdoor_train.runs.experiment import absolute_paths
+        from backdoor_train.runs.locked import absolute_paths
 
         article_script(absolute_paths(load_config(config, args.overrides)))
         return 0

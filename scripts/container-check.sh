@@ -2,8 +2,8 @@
 # The deployment, executed: builds both images and runs the product in them as the manifests
 # say. Opt-in (not part of the test suite): run as root on a machine with podman, buildah,
 # debootstrap, kubectl and Debian's prometheus + prometheus-pushgateway. Measured on 2 vCPUs
-# (AMD EPYC): ~22 minutes with the images cached, ~16 more for cold builds (README, "Containers
-# and Kubernetes", which holds the figures of a run).
+# (AMD EPYC): ~22 minutes with the images cached, ~16 more for cold builds (docs/kubernetes.md,
+# "Executed"; the figures of a run are in docs/RESULTS.md, "Container check").
 #
 #   scripts/container-check.sh [--steps 1,2,3,4,5]
 #
@@ -15,7 +15,7 @@
 #      the manifests' writable mounts only): the same figures, and both wall times
 #   3-5. scripts/podman_kuberay.py: the local-cpu overlay's cluster in containers, the RayJob's
 #      entrypoint submitted with token auth; a worker killed mid-run and replaced; Prometheus
-#      scraping by the monitors' port names; the README's `ray job submit` walkthrough
+#      scraping by the monitors' port names; docs/kubernetes.md's interactive walkthrough
 #
 # Each step prints its result and time; the exit status is 0 only when every step passed.
 # Environment: MNIST_ROOT (default ../shared/datasets/mnist), TORCH_INDEX_URL (default PyPI:

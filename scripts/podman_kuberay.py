@@ -608,7 +608,7 @@ def check(args: argparse.Namespace) -> int:
 
     if 5 in steps:
         t0 = time.perf_counter()
-        print("step 5: the README's interactive walkthrough from the host, against the head's dashboard "
+        print("step 5: docs/kubernetes.md's interactive walkthrough from the host, against the head's dashboard "
               f"(published on 127.0.0.1:{dash_port}, kubectl port-forward's stand-in)", flush=True)
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=10)

@@ -2,7 +2,8 @@
 """Whether two runs' results.json hold the same figures: every number and string of the
 results (accuracy, ASR, per-class and per-source figures, dataset hashes, every epoch's loss
 and accuracy) except what names where and when a run happened (times, speeds, paths, ids, the
-config's storage and data locations). Used by scripts/container-check.sh step 2.
+config's storage and data locations). Both files are read through results.py's reader, so a file of
+an earlier release is compared in today's schema. Used by scripts/container-check.sh step 2.
 
     same_figures.py A/results.json B/results.json     exit 0 when equal, 1 with the differences
 """
@@ -13,6 +14,8 @@ import json
 import re
 import sys
 from typing import Any, Iterator
+
+from backdoor_train.results import ResultsError, results_from_stored
 
 # Keys whose values say where or when, not what: they differ between any two runs.
 VOLATILE = re.compile(r"(seconds|_at|per_second|run_id|uri|checkpoint|poison_manifest|storage|root|"
@@ -31,9 +34,17 @@ def leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, node
 
 
+def read(path: str) -> dict[str, Any]:
+    with open(path) as fh:
+        return results_from_stored(json.load(fh), path).to_dict()
+
+
 def main(a: str, b: str) -> int:
-    with open(a) as fa, open(b) as fb:
-        left, right = dict(leaves(json.load(fa))), dict(leaves(json.load(fb)))
+    try:
+        left, right = dict(leaves(read(a))), dict(leaves(read(b)))
+    except (OSError, ValueError, ResultsError) as exc:  # ValueError: not JSON
+        print(f"    {exc}")
+        return 2
     differ = sorted(k for k in left.keys() | right.keys() if left.get(k, "<absent>") != right.get(k, "<absent>"))
     for key in differ[:20]:
         print(f"    {key}: {left.get(key, '<absent>')!r} != {right.get(key, '<absent>')!r}")

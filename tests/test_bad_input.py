@@ -17,6 +17,7 @@ from backdoor_train.storage import open_storage
 from backdoor_train.runs.sweep import load_sweep
 
 from conftest import small_config
+from fake_results import experiment_results, variant
 
 
 def _run_cli(capsys, *argv) -> tuple[int, str]:
@@ -120,9 +121,11 @@ def test_report_of_corrupt_results_is_one_line(tmp_path, mnist_path, capsys):
         assert code == EXIT_BAD_INPUT and "runs/exp/" in err and err.count("\n") == 1, err
 
 
-def test_a_rerun_of_fewer_variants_keeps_the_others_figures():
-    earlier = {"run_id": "r1", "variants": {"clean": {"clean_accuracy": 0.99}, "poisoned": {"clean_accuracy": 0.5}}}
-    merged, kept = merge_variants({"poisoned": {"clean_accuracy": 0.98}}, earlier)
-    assert merged == {"clean": {"clean_accuracy": 0.99}, "poisoned": {"clean_accuracy": 0.98}}
+def test_a_rerun_of_fewer_variants_keeps_the_others_figures(tmp_path, mnist_path):
+    cfg = small_config(mnist_path, str(tmp_path / "runs"))
+    earlier = experiment_results(cfg, {"clean": (0.99, [0.01]), "poisoned": (0.5, [0.9])}, run_id="r1")
+    poisoned = variant(0.98, [0.95])
+    merged, kept = merge_variants({"poisoned": poisoned}, earlier)
+    assert merged == {"clean": earlier.variants["clean"], "poisoned": poisoned}
     assert list(merged) == ["clean", "poisoned"] and kept == {"clean": "r1"}
-    assert merge_variants({"clean": {}}, None) == ({"clean": {}}, {})
+    assert merge_variants({"clean": poisoned}, None) == ({"clean": poisoned}, {})

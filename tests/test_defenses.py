@@ -1,6 +1,6 @@
 """Neural Cleanse, unlearning and STRIP (defenses/cleanse.py, defenses/strip.py) on a synthetic backdoored model:
 a fixed linear classifier of random images plus a backdoor, pixel (3, 3) bright → class 8.
-Pure unit tests: no MNIST, no Ray (the real-data runs are in test_detect.py and the README)."""
+Pure unit tests: no MNIST, no Ray (the real-data runs are in test_detect.py and docs/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,6 @@ def test_strip_rejects_triggered_inputs_at_the_chosen_false_rejection_rate():
 ])
 def test_each_defense_task_asks_for_a_training_workers_resources(scaling, expected):
     from backdoor_train.config import ExperimentConfig
-    from backdoor_train.defenses.registry import remote_options
+    from backdoor_train.runs.detection import remote_options
 
     assert remote_options(ExperimentConfig.from_dict({"scaling": scaling})) == expected

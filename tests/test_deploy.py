@@ -146,8 +146,8 @@ def test_the_gpu_image_states_the_cuda_of_its_torch_wheel():
     major = torch.version.cuda.split(".")[0]
     text = open(os.path.join(REPO_ROOT, "docker", "Dockerfile.gpu")).read()
     assert f"torch.version.cuda.startswith('{major}.')" in text
-    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
-    assert re.search(rf"CUDA {major}\.\d+ .*driver .*>= ?\d+", readme), "README must state the CUDA and driver"
+    doc = open(os.path.join(REPO_ROOT, "docs", "kubernetes.md")).read()
+    assert re.search(rf"CUDA {major}\.\d+ .*driver .*>= ?\d+", doc), "docs/kubernetes.md must state the CUDA and driver"
 
 
 def test_dockerignore_admits_only_what_the_images_copy():
@@ -426,7 +426,7 @@ def test_the_ray_apis_admit_only_the_namespace_and_need_a_token(rendered):
         assert default["podSelector"] == {} and default["ingress"] == [{"from": [{"podSelector": {}}]}]
         operator = policies["kuberay-operator-to-dashboard"]
         assert operator["ingress"][0]["ports"] == [{"port": 8265, "protocol": "TCP"}]
-        # The operator where the README's quick start (kuberay-system) and KubeRay's own (default)
+        # The operator where docs/kubernetes.md's quick start (kuberay-system) and KubeRay's own (default)
         # install it, by the label its Helm chart and its kustomize manifests both set.
         peer = operator["ingress"][0]["from"][0]
         assert selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": "kuberay-system"})
@@ -665,14 +665,23 @@ def test_same_figures_ignores_where_and_when_but_not_what(tmp_path):
     sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
     from same_figures import main as same_figures
 
-    def results(asr: float, seconds: float, path: str) -> dict:
-        return {"run_id": path, "started_at": seconds, "config": {"storage": {"path": path}, "seed": 1},
-                "variants": {"poisoned": {"attack_success_rate": asr, "fit_seconds": seconds,
-                                          "checkpoint": path, "history": [{"train_loss": 0.25, "epoch_seconds": seconds}]}}}
+    import dataclasses
 
-    a, b, c = (tmp_path / n for n in ("a.json", "b.json", "c.json"))
+    from fake_results import experiment_results
+
+    def results(asr: float, seconds: float, path: str) -> dict:
+        cfg = ExperimentConfig.from_dict({"storage": {"path": path}})
+        out = experiment_results(cfg, {"poisoned": (0.98, [0.5, asr])}, run_id=path)
+        poisoned = out.variants["poisoned"]
+        history = tuple(dataclasses.replace(h, epoch_seconds=seconds) for h in poisoned.history)
+        poisoned = dataclasses.replace(poisoned, fit_seconds=seconds, checkpoint=path, history=history)
+        return dataclasses.replace(out, started_at=seconds, variants={"poisoned": poisoned}).to_dict()
+
+    a, b, c, d = (tmp_path / n for n in ("a.json", "b.json", "c.json", "d.json"))
     a.write_text(json.dumps(results(0.8787, 10.0, "/runs")))
     b.write_text(json.dumps(results(0.8787, 12.5, "s3://x/runs")))
     c.write_text(json.dumps(results(0.8788, 10.0, "/runs")))
+    d.write_text(json.dumps({"variants": {}}))
     assert same_figures(str(a), str(b)) == 0
     assert same_figures(str(a), str(c)) == 1
+    assert same_figures(str(a), str(d)) == 2  # not a results file: said so, not compared

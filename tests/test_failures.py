@@ -106,9 +106,9 @@ def test_a_full_disk_ends_the_run_in_one_line(small_disk, mnist_root, tmp_path):
 
 
 def test_debug_prints_the_workers_tracebacks_and_keeps_rays_log_of_them(monkeypatch, capsys):
-    from backdoor_train import cli; from backdoor_train.training import failures
+    from backdoor_train import cli; from backdoor_train.training import failures, rayinternals
 
-    monkeypatch.setattr(failures, "_RAY_TRAIN_ERROR_LOGGER", "test.train.util")
+    monkeypatch.setattr(rayinternals, "TRAIN_ERROR_LOGGER", "test.train.util")
     record = logging.LogRecord("test.train.util", logging.ERROR, __file__, 1, "Error in training function:\nTB",
                                None, None)
     monkeypatch.setenv(failures.DEBUG_ENV, "0")  # off; and --debug's "1" is undone after the test

@@ -57,20 +57,20 @@ def test_the_variants_train_at_once_and_reports_do_not_wait_for_the_poll(cluster
     cfg = small_config(mnist_root, str(tmp_path / "runs"), train={"epochs": 4},
                        scaling={"num_workers": 1, "cpus_per_worker": 1})
     results = run_experiment(cfg, log=print)
-    clean, poisoned = results["variants"]["clean"], results["variants"]["poisoned"]
+    clean, poisoned = results.variants["clean"], results.variants["poisoned"]
     # Two 1-CPU trainers on a 2-CPU cluster: the fits overlap in time.
-    assert clean["fit_started_at"] < poisoned["fit_finished_at"]
-    assert poisoned["fit_started_at"] < clean["fit_finished_at"]
+    assert clean.fit_started_at < poisoned.fit_finished_at
+    assert poisoned.fit_started_at < clean.fit_finished_at
     for v in (clean, poisoned):
-        h = v["history"]
-        assert [e["epoch"] for e in h] == [1, 2, 3, 4] and v["clean_accuracy"] > 0.9
+        h = v.history
+        assert [e.epoch for e in h] == [1, 2, 3, 4] and v.clean_accuracy > 0.9
         # Between two epochs a worker only reports (and writes a small checkpoint). With Train's
         # default 2 s controller poll each report waited up to 2 s; with the project's 0.1 s it is
         # a fraction of a second.
-        waits = [h[i]["ended_at"] - h[i]["epoch_seconds"] - h[i]["eval_seconds"] - h[i - 1]["ended_at"]
+        waits = [h[i].ended_at - h[i].epoch_seconds - h[i].eval_seconds - h[i - 1].ended_at
                  for i in range(1, len(h))]
         assert statistics.median(waits) < 1.0, waits
-    assert list(results["variants"]) == ["clean", "poisoned"]  # the config's order
+    assert list(results.variants) == ["clean", "poisoned"]  # the config's order
 
 
 def test_the_first_failure_aborts_the_other_variants(cluster, tmp_path, mnist_root):

@@ -65,7 +65,7 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
         assert expected in keys, keys
     results = json.loads(fresh_s3_client(s3_server).get_object(
         Bucket=bucket, Key="runs/steady/results.json")["Body"].read())
-    assert results["variants"]["poisoned"]["clean_accuracy"] == base["variants"]["poisoned"]["clean_accuracy"]
+    assert results["variants"]["poisoned"]["clean_accuracy"] == base.variants["poisoned"].clean_accuracy
 
     # 2. Kill a worker process once a checkpoint is committed (Ray has written its snapshot of
     #    the run's checkpoints to the bucket): the run resumes from it. Files of a newer
@@ -103,10 +103,10 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     assert resumed, out[-3000:]
     # At most one checkpoint interval is lost: it resumes from the newest committed checkpoint.
     assert resumed[0] >= killed["checkpoints"], (resumed, killed)
-    history = crash["variants"]["poisoned"]["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert abs(crash["variants"]["poisoned"]["clean_accuracy"]
-               - base["variants"]["poisoned"]["clean_accuracy"]) < 0.01
+    history = crash.variants["poisoned"].history
+    assert [h.epoch for h in history] == [1, 2, 3]
+    assert abs(crash.variants["poisoned"].clean_accuracy
+               - base.variants["poisoned"].clean_accuracy) < 0.01
 
     # 3. Corrupt the newest checkpoint, then rerun the same name for one more epoch: it says so,
     #    falls back to the previous checkpoint, and goes on from there.
@@ -116,7 +116,7 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     out = capfd.readouterr().out
     assert "checkpoint_epoch_0003" in out and "falling back to the previous checkpoint" in out
     assert "[steady/poisoned] resuming after epoch 2" in out
-    assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+    assert [h.epoch for h in more.variants["poisoned"].history] == [1, 2, 3, 4]
 
     # 4. Every checkpoint corrupt: the CLI refuses before any training, exit status 2.
     for key in bucket_keys(s3_server, bucket, "runs/crash/poisoned/"):
@@ -161,7 +161,7 @@ def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkp
     assert "checkpoint_manager_snapshot.json is empty (0 bytes: an interrupted write); moved aside" in out, out[-3000:]
     assert f"poisoned: resuming after epoch 2 from s3://{bucket}/runs/snap/poisoned/checkpoint_epoch_0002" in out
     assert resumed_epochs(out, "snap") == [2]  # what the driver said is what the workers did
-    assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3]
+    assert [h.epoch for h in more.variants["poisoned"].history] == [1, 2, 3]
 
     # 2. A snapshot naming an older checkpoint than the newest (a crash between checkpoint 3's
     #    upload and the snapshot's update): the driver said "from 0003" while Ray used 0002.
@@ -171,7 +171,7 @@ def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkp
     assert ("names checkpoint_epoch_0002 as the latest, but the newest valid checkpoint is "
             "checkpoint_epoch_0003; moved aside") in out, out[-3000:]
     assert resumed_epochs(out, "snap") == [3]
-    assert [h["epoch"] for h in more["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+    assert [h.epoch for h in more.variants["poisoned"].history] == [1, 2, 3, 4]
     aside = [k for k in bucket_keys(s3_server, bucket, "runs/snap/poisoned/") if ".invalid-" in k]
     assert len(aside) == 2, aside  # both kept for a post-mortem
 
@@ -180,8 +180,8 @@ def test_a_rerun_after_an_interrupted_write_resumes_from_the_newest_valid_checkp
     client.delete_object(Bucket=bucket, Key=snapshot)
     again = run_experiment(_cfg(mnist_root, bucket, "snap", epochs=4))
     assert "poisoned: resuming after epoch 4 from" in capfd.readouterr().out
-    assert again["variants"]["poisoned"]["checkpoint"].endswith("checkpoint_epoch_0004")
-    assert again["variants"]["poisoned"]["clean_accuracy"] == more["variants"]["poisoned"]["clean_accuracy"]
+    assert again.variants["poisoned"].checkpoint.endswith("checkpoint_epoch_0004")
+    assert again.variants["poisoned"].clean_accuracy == more.variants["poisoned"].clean_accuracy
 
 
 def _output_until(capfd, text: str, timeout: float = 20) -> str:
@@ -212,7 +212,7 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         assert proxy.restored.is_set(), "the outage never began"
         out = _output_until(capfd, "retrying for up to 60s (storage.retry_seconds)")
         assert "retrying for up to 60s (storage.retry_seconds)" in out, out[-3000:]
-        assert [h["epoch"] for h in result["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+        assert [h.epoch for h in result.variants["poisoned"].history] == [1, 2, 3, 4]
 
         # 2. An outage longer than storage.retry_seconds ends the run (exit 1 from the CLI) ...
         cfg = _cfg(mnist_root, bucket, "long", epochs=4, max_failures=0)
@@ -236,6 +236,6 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         again = run_experiment(cfg)
         out = capfd.readouterr().out
         assert resumed_epochs(out, "long") and resumed_epochs(out, "long")[0] >= 1, out[-3000:]
-        assert [h["epoch"] for h in again["variants"]["poisoned"]["history"]] == [1, 2, 3, 4]
+        assert [h.epoch for h in again.variants["poisoned"].history] == [1, 2, 3, 4]
     finally:
         proxy.close()

@@ -1,10 +1,13 @@
 """The package's layers as a rule: no module imports from a layer above its own.
 
-Bottom to top: ``checks`` (the one configuration error), ``data``, ``models``, ``attack``, ``config``
-(the typed tree, which validates names against the registries below it), ``storage``, ``training``,
-``runs``, ``defenses``, ``reporting``, ``cli``. Imports inside a function count as much as those at
-the top of a module: a lazy import is still a dependency. Read from the source with ``ast``, so the
-test needs nothing imported."""
+Bottom to top: ``checks`` (the one configuration error), ``data``, ``models``, ``attack``, ``defenses``
+(what each defense is: its knobs, run, log lines and report content, and their registry), ``config``
+(the typed tree, which validates names and knobs against the registries below it), ``results`` (the
+typed records of results.json and summary.json, which hold a config), ``storage``, ``training``,
+``runs`` (the drivers: an experiment, seeds, sweeps, running the defenses on a finished run),
+``reporting``, ``cli``. A module's layer is the longest dotted prefix of its name in ``LAYERS``.
+Imports inside a function count as much as those at the top of a module: a lazy import is still a
+dependency. Read from the source with ``ast``, so the test needs nothing imported."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backdoor_train")
 
-LAYERS = ("checks", "data", "models", "attack", "config", "storage", "training", "runs", "defenses",
+LAYERS = ("checks", "data", "models", "attack", "defenses", "config", "results", "storage", "training", "runs",
           "reporting", "cli", "__main__")
 # The package's own __init__ only names the product; it imports nothing and sits nowhere.
 TOP_LEVEL_INIT = "__init__"
@@ -33,7 +36,8 @@ def _modules() -> dict[str, str]:
 
 
 def _layer(module: str) -> str:
-    return module.split(".")[0]
+    parts = module.split(".")
+    return next((".".join(parts[:n]) for n in range(len(parts), 1, -1) if ".".join(parts[:n]) in LAYERS), parts[0])
 
 
 def _imports(path: str) -> set[str]:
@@ -71,7 +75,8 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
     assert not upward, "imports from a layer above: " + "; ".join(sorted(upward))
 
 
-@pytest.mark.parametrize("source, target", [("data.split", "config"), ("storage.runstore", "training.checkpoint")])
+@pytest.mark.parametrize("source, target", [("data.split", "config"), ("storage.runstore", "training.checkpoint"),
+                                            ("defenses.strip", "config"), ("defenses.registry", "runs.detection")])
 def test_an_upward_import_is_caught(tmp_path, monkeypatch, source: str, target: str) -> None:
     """The rule can fail: a planted upward import is reported."""
     planted = tmp_path / "backdoor_train"

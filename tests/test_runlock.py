@@ -3,6 +3,7 @@ moto_server: conditional create, heartbeat, stale takeover)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import yaml
 from backdoor_train.storage import runlock
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.storage.runlock import acquire_run_lock, run_lock_holder
-from backdoor_train.storage import LocalStorage, StorageError, open_storage
+from backdoor_train.storage import LocalStorage, Storage, StorageError, open_storage
 from backdoor_train.config import StorageConfig
 
 from conftest import stop_process
@@ -58,6 +59,89 @@ def test_a_killed_run_does_not_block_the_next(tmp_path):
         acquire_run_lock(storage, "exp", "next").release()
     finally:
         stop_process(proc)
+
+
+class _MemoryLocks(Storage):
+    """A backend of its own kind of lock (neither a file nor an object), which can go stale."""
+
+    uri = "mem://root"
+    stale_locks = True
+
+    def __init__(self) -> None:
+        self.held: dict[str, dict] = {}
+
+    def acquire_lock(self, key, info, on_lost=None):
+        if key in self.held:
+            return None, self.held[key]
+        self.held[key] = info
+        held = self.held
+
+        class Held(runlock.RunLock):
+            def release(self) -> None:
+                held.pop(key, None)
+
+        return Held(), None
+
+    def lock_holder(self, key):
+        return self.held.get(key)
+
+
+def test_the_lock_is_the_storage_backends_own(tmp_path):
+    storage = _MemoryLocks()
+    lock = acquire_run_lock(storage, "exp", "first-run")
+    assert run_lock_holder(storage, "exp")["run_id"] == "first-run" and list(storage.held) == ["exp/run.lock"]
+    with pytest.raises(StorageError, match=r"mem://root/exp is being run right now by run first-run .*\(a run that "
+                                           r"died leaves it stale after 60 s\)"):
+        acquire_run_lock(storage, "exp", "second-run")
+    lock.release()
+    assert run_lock_holder(storage, "exp") is None
+    local = LocalStorage(str(tmp_path / "runs"))  # the kernel's lock: ends with its holder, never stale
+    held = acquire_run_lock(local, "exp", "first-run")
+    with pytest.raises(StorageError) as refused:
+        acquire_run_lock(local, "exp", "second-run")
+    held.release()
+    assert "is being run right now by run first-run" in str(refused.value) and "stale" not in str(refused.value)
+
+
+def _config(tmp_path, **storage):
+    from backdoor_train.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    return dataclasses.replace(cfg, name="exp", data=dataclasses.replace(cfg.data, root="data"),
+                               storage=dataclasses.replace(cfg.storage, path="runs", **storage))
+
+
+def test_locked_run_holds_the_lock_of_the_name_for_the_block(tmp_path, monkeypatch):
+    from backdoor_train.runs import locked
+
+    monkeypatch.chdir(tmp_path)
+    checked = []
+    monkeypatch.setattr(locked, "check_cluster", checked.append)
+    with locked.locked_run(_config(tmp_path)) as run:
+        assert (run.cfg.storage.path, run.cfg.data.root) == (str(tmp_path / "runs"), str(tmp_path / "data"))
+        assert re.fullmatch(r"[0-9a-f]{12}", run.run_id) and run.storage.uri == str(tmp_path / "runs")
+        assert run_lock_holder(run.storage, "exp")["run_id"] == run.run_id
+        assert checked == [run.cfg]  # the cluster was checked, with the absolute paths
+        with pytest.raises(StorageError, match=f"is being run right now by run {run.run_id}"):
+            with locked.locked_run(_config(tmp_path), cluster_check=False):
+                pass
+    assert run_lock_holder(LocalStorage(str(tmp_path / "runs")), "exp") is None
+    assert len(checked) == 1  # not with cluster_check=False
+
+
+def test_locked_run_refuses_a_config_the_cluster_cannot_hold_before_writing_anything(tmp_path, monkeypatch):
+    from backdoor_train.runs import locked
+    from backdoor_train.training.raysession import ClusterError
+
+    def too_big(cfg):
+        raise ClusterError("scaling.num_workers asks for too much")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(locked, "check_cluster", too_big)
+    with pytest.raises(ClusterError):
+        with locked.locked_run(_config(tmp_path)):
+            raise AssertionError("the block ran")
+    assert not (tmp_path / "runs").exists()  # storage not even opened
 
 
 @pytest.mark.integration

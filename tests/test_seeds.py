@@ -11,25 +11,19 @@ import yaml
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
 from backdoor_train.runs.experiment import check_existing_run, finished_run, record_config
-from backdoor_train.storage.runstore import RESULTS
+from backdoor_train.storage.runstore import RESULTS, RunStore
 from backdoor_train.reporting.html import SECTIONS
 from backdoor_train.runs.seeds import aggregate, seed_experiments
 from backdoor_train.storage import open_storage
 from backdoor_train.runs.sweep import load_sweep, summarize
 
 from conftest import small_config
+from fake_results import experiment_results
 
 
-def _history(asr: list[float], acc: float) -> list[dict]:
-    return [{"epoch": e, "attack_success_rate": a, "test_accuracy": acc} for e, a in enumerate(asr, 1)]
-
-
-def _results(cfg, clean_acc: float, poisoned_acc: float, asr: list[float]) -> dict:
+def _results(cfg, clean_acc: float, poisoned_acc: float, asr: list[float]):
     """What run_experiment returns for one seed, with made-up figures."""
-    return {"n_poisoned": 300, "config": cfg.to_dict(), "variants": {
-        "clean": {"clean_accuracy": clean_acc, "attack_success_rate": 0.01, "history": _history([0.01] * 3, clean_acc)},
-        "poisoned": {"clean_accuracy": poisoned_acc, "attack_success_rate": asr[-1],
-                     "history": _history(asr, poisoned_acc)}}}
+    return experiment_results(cfg, {"clean": (clean_acc, [0.01] * 3), "poisoned": (poisoned_acc, asr)})
 
 
 def test_one_experiment_per_seed_below_the_experiments_folder(tmp_path, mnist_path):
@@ -47,13 +41,13 @@ def test_aggregate_and_a_sweep_over_the_same_seeds_agree(tmp_path, mnist_path):
     figures = {1: (0.990, 0.989, [0.0, 0.3, 0.8]), 2: (0.985, 0.986, [0.0, 0.6, 0.9]), 3: (0.992, 0.990, [0.1, 0.2, 0.4])}
     results = {c.name: _results(c, *figures[c.seed]) for c in seed_experiments(cfg)}
     out = aggregate(cfg, results, {}, started=0.0)
-    assert [r["seed"] for r in out["per_seed"]] == [1, 2, 3]
-    assert [r["variants"]["poisoned"]["asr_reached_epoch"] for r in out["per_seed"]] == [3, 2, None]
-    asr = out["variants"]["poisoned"]["attack_success_rate"]
-    assert asr["n"] == 3 and asr["mean"] == pytest.approx(0.7) and asr["ci95"][0] < 0.7 < asr["ci95"][1]
-    diff = out["clean_accuracy_difference"]
-    assert diff["mean"] == pytest.approx((-0.001 + 0.001 - 0.002) / 3)
-    assert [r["mean"] for r in out["by_epoch"]["poisoned"]["attack_success_rate"]] == pytest.approx([1 / 30, 11 / 30, 0.7])
+    assert [r.seed for r in out.per_seed] == [1, 2, 3]
+    assert [r.variants["poisoned"].asr_reached_epoch for r in out.per_seed] == [3, 2, None]
+    asr = out.variants["poisoned"].attack_success_rate
+    assert asr.n == 3 and asr.mean == pytest.approx(0.7) and asr.ci95[0] < 0.7 < asr.ci95[1]
+    diff = out.clean_accuracy_difference
+    assert diff.mean == pytest.approx((-0.001 + 0.001 - 0.002) / 3)
+    assert [r.mean for r in out.by_epoch["poisoned"].attack_success_rate] == pytest.approx([1 / 30, 11 / 30, 0.7])
 
     sweep_file = tmp_path / "sweep.yaml"
     base = tmp_path / "base.yaml"
@@ -62,19 +56,19 @@ def test_aggregate_and_a_sweep_over_the_same_seeds_agree(tmp_path, mnist_path):
     sweep = load_sweep(str(sweep_file))
     # The sweep's trials are the multi-seed experiment's seeds: same names, folders and setting.
     assert [t.to_dict() for t in sweep.trials] == [c.to_dict() for c in seed_experiments(cfg)]
-    (group,) = summarize(sweep, results)["groups"]
-    assert group["variants"] == out["variants"]
-    assert group["clean_accuracy_difference"] == out["clean_accuracy_difference"]
+    (group,) = summarize(sweep, results).groups
+    assert group.variants == out.variants
+    assert group.clean_accuracy_difference == out.clean_accuracy_difference
 
 
 def test_finished_seeds_are_reused_only_with_the_same_setting(tmp_path, mnist_path):
     cfg = small_config(mnist_path, str(tmp_path / "runs"), name="seed-1")
     storage = open_storage(cfg.storage)
     assert finished_run(cfg, storage) is None
-    storage.write_text(f"seed-1/{RESULTS}", json.dumps(_results(cfg, 0.99, 0.98, [0.9])))
-    assert set(finished_run(cfg, storage)["variants"]) == {"clean", "poisoned"}
+    RunStore(storage, "seed-1").write_results(_results(cfg, 0.99, 0.98, [0.9]))
+    assert set(finished_run(cfg, storage).variants) == {"clean", "poisoned"}
     only = small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", variants=["poisoned"])
-    assert set(finished_run(only, storage)["variants"]) == {"poisoned"}
+    assert set(finished_run(only, storage).variants) == {"poisoned"}
     more_cpus = small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", scaling={"num_workers": 1})
     assert finished_run(more_cpus, storage) is not None  # how it ran does not change what it trained
     for other in (small_config(mnist_path, str(tmp_path / "runs"), name="seed-1", train={"epochs": 3}),

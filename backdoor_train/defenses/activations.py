@@ -25,7 +25,8 @@ defender's clean images of that label (the ones Neural Cleanse and STRIP use too
   toward a multiple of the identity, as ~200 images estimate a 512-dimensional covariance):
   clean images then vary alike in every direction and the poison's offset is the top one.
 
-Both are scored against the poison manifest: precision, recall (= TPR) and FPR.
+Both are scored against the poison manifest: precision, recall (= TPR) and FPR. ``ActivationDefense``
+runs both as one defense (defenses/base.py's ``PoisonDetector``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ import torch
 from torch import nn
 
 from backdoor_train.data.split import Split, to_float
+from backdoor_train.defenses.base import Block, DefenseContext, Detection, Plot, PoisonDetector, score
 from backdoor_train.models.registry import unwrap
+
+__all__ = ["ActivationDefense", "activation_clustering", "clean_whitened", "detect", "find_poison", "kmeans2",
+           "penultimate_activations", "score", "spectral_signatures"]
 
 REF_RATIO = 0.2  # activation clustering: a cluster the clean images avoid this much is flagged
 TAIL_RATIO = 3.0  # spectral signatures: a label whose tail is this many times the median is flagged
@@ -164,37 +169,67 @@ def spectral_signatures(acts: torch.Tensor, labels: torch.Tensor, clean: torch.T
     return (torch.cat(flagged).numpy() if flagged else np.empty(0, dtype=np.int64)), tails
 
 
-def score(flagged: np.ndarray, poisoned: frozenset[int], n_total: int) -> dict[str, Any]:
-    flagged_set = set(int(i) for i in flagged)
-    tp = len(flagged_set & poisoned)
-    fp = len(flagged_set) - tp
-    fn = len(poisoned) - tp
-    tn = n_total - tp - fp - fn
-    return {
-        "flagged": len(flagged_set), "true_positives": tp, "false_positives": fp,
-        "false_negatives": fn, "true_negatives": tn,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "tpr": tp / (tp + fn) if tp + fn else 0.0,
-        "fpr": fp / (fp + tn) if fp + tn else 0.0,
-        # What flagging the same number of samples at random would catch, for comparison.
-        "chance_precision": len(poisoned) / n_total if n_total else 0.0,
-    }
+def find_poison(model: nn.Module, poisoned_train: Split, clean: Split, rate_bound: float,
+                seed: int = 0) -> dict[str, Detection]:
+    """Both methods on ``poisoned_train`` (as the model was trained on it), with the defender's
+    ``clean`` images as reference."""
+    acts = penultimate_activations(model, poisoned_train)
+    labels = poisoned_train.labels
+    ref = penultimate_activations(model, clean)
+    ac, ratios = activation_clustering(acts, labels, ref, clean.labels, seed=seed)
+    ss, tails = spectral_signatures(acts, labels, ref, clean.labels, rate_bound)
+    return {"activation_clustering": Detection(ac, "clean_share_ratio", ratios),
+            "spectral_signatures": Detection(ss, "score_tail", tails)}
 
 
 def detect(model: nn.Module, poisoned_train: Split, poisoned_indices: frozenset[int], clean: Split,
            rate_bound: float, seed: int = 0) -> dict[str, Any]:
-    """Run both methods on ``poisoned_train`` (as the model was trained on it), with the
-    defender's ``clean`` images as reference, and score them against the manifest."""
-    acts = penultimate_activations(model, poisoned_train)
-    labels = poisoned_train.labels
-    ref = penultimate_activations(model, clean)
-    found = {
-        # Per label, the figure each method decides on (JSON keys: strings).
-        "activation_clustering": activation_clustering(acts, labels, ref, clean.labels, seed=seed),
-        "spectral_signatures": spectral_signatures(acts, labels, ref, clean.labels, rate_bound),
-    }
-    figure = {"activation_clustering": "clean_share_ratio", "spectral_signatures": "score_tail"}
-    return {method: {**score(idx, poisoned_indices, len(labels)), "indices": sorted(int(i) for i in idx),
-                     figure[method]: {str(c): v for c, v in per_label.items()}}
-            for method, (idx, per_label) in found.items()}
+    """``find_poison``, each method scored against the manifest: what detection.json keeps."""
+    return ActivationDefense().record(find_poison(model, poisoned_train, clean, rate_bound, seed),
+                                      poisoned_indices, len(poisoned_train))
+
+
+class ActivationDefense(PoisonDetector):
+    """Activation clustering and spectral signatures, one Ray task (they share the activations);
+    detection.json keeps their result under ``methods``, as releases before the registry did."""
+
+    name = "activations"
+    record_key = "methods"
+    title = "Activation clustering and spectral signatures"
+    methods = ("activation_clustering", "spectral_signatures")
+
+    def detect_poison(self, ctx: DefenseContext) -> dict[str, Detection]:
+        return find_poison(ctx.model, ctx.poisoned_train, ctx.clean, rate_bound=max(ctx.cfg.poison.rate, 1e-4),
+                           seed=ctx.cfg.seed)
+
+    def report_section(self, result: dict[str, Any], cfg: Any, detection: dict[str, Any]) -> list[Block]:
+        blocks = super().report_section(result, cfg, detection)
+        if "clean_share_ratio" in result.get("activation_clustering", {}):  # not in the first releases' files
+            blocks.append(Plot(_per_label(result)))
+        return blocks
+
+
+def _per_label(result: dict[str, Any]) -> Any:
+    """What each method decided on, per training label."""
+    import statistics
+
+    import matplotlib.pyplot as plt
+
+    ratio = result["activation_clustering"]["clean_share_ratio"]
+    tail = result["spectral_signatures"]["score_tail"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    axes[0].bar(list(ratio), list(ratio.values()), color=["C3" if r < REF_RATIO else "C0" for r in ratio.values()])
+    axes[0].axhline(REF_RATIO, color="k", ls="--", lw=1)
+    axes[0].set_title("activation clustering: clean images' share / training share\n"
+                      f"of the cluster they avoid (flagged < {REF_RATIO:g})", fontsize=9)
+    if tail:
+        median = statistics.median(tail.values()) or 1.0  # all-zero activations: plot them as they are
+        relative = [t / median for t in tail.values()]
+        axes[1].bar(list(tail), relative, color=["C3" if r > TAIL_RATIO else "C0" for r in relative])
+        axes[1].axhline(TAIL_RATIO, color="k", ls="--", lw=1)
+        axes[1].set_yscale("log")
+    axes[1].set_title(f"spectral signatures: score tail over the labels' median\n(flagged > {TAIL_RATIO:g})",
+                      fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("training label")
+    return fig

@@ -11,10 +11,15 @@ index exceeds 2 is flagged (the paper's threshold).
 
 ``unlearn`` is the paper's mitigation: fine-tune on clean images of which a share carries the
 recovered trigger with their true label, so the model learns to ignore it.
+
+``NeuralCleanse`` is the defense (defenses/base.py's ``ModelDefense``): the triggers reversed
+from the defender's clean images, the suspect's trigger unlearned, both measured on the
+held-out images.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from backdoor_train.checks import check
+from backdoor_train.data.split import to_float
+from backdoor_train.defenses.base import Block, DefenseContext, ModelDefense, Plot, Table, Text, pct, rounded
 
 ANOMALY_THRESHOLD = 2.0  # Wang et al.: an anomaly index above 2 flags the class (95% under normality)
 MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a normal standard deviation
@@ -147,3 +156,107 @@ def unlearn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Reverse
             opt.step()
     model.eval()
     return model
+
+
+@dataclass(frozen=True)
+class CleanseKnobs:
+    cleanse_steps: int = 300  # optimisation steps per class
+    unlearn_epochs: int = 1  # unlearning the recovered trigger: epochs over the clean images
+
+    def __post_init__(self) -> None:
+        for key in ("cleanse_steps", "unlearn_epochs"):
+            check(getattr(self, key) > 0, f"defense.{key} must be > 0 (got {getattr(self, key)})")
+
+
+class NeuralCleanse(ModelDefense):
+    """Neural Cleanse and its mitigation, unlearning, with clean accuracy and ASR before and after."""
+
+    name = "neural_cleanse"
+    title = "Neural Cleanse"
+    Knobs = CleanseKnobs
+
+    def inspect(self, ctx: DefenseContext) -> dict[str, Any]:
+        model = ctx.model.to(ctx.device)
+        x, y = to_float(ctx.clean.images).to(ctx.device), ctx.clean.labels.to(ctx.device)
+        return neural_cleanse(model, x, y, ctx.cfg.dataset.num_classes, steps=ctx.knobs.cleanse_steps,
+                              seed=ctx.cfg.seed)
+
+    def evaluate_defence(self, ctx: DefenseContext, found: dict[str, Any]) -> dict[str, Any]:
+        from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+
+        cfg, model = ctx.cfg, ctx.model.to(ctx.device)
+        triggers = found.pop("triggers")
+        suspect = triggers[found["suspect"]]
+        found["suspect_mask"] = rounded(suspect.mask)
+        found["suspect_pattern"] = rounded(suspect.pattern)
+        trigger = cfg.poison.trigger
+        if trigger.kind in ("pixel", "patch"):  # where the real trigger is: is the recovered one there?
+            size = getattr(trigger, "size", 1)
+            found["suspect_mass_near_trigger"] = mask_mass_near(suspect.mask, trigger.row, trigger.col, size)
+        # Unlearning (the paper's mitigation) of the flagged class's trigger, measured before and after.
+        sets = build_eval_sets(ctx.held, cfg.poison).to(ctx.device)
+        figures = ("clean_accuracy", "attack_success_rate")
+
+        def measure(m: nn.Module) -> dict[str, float]:
+            evaluation = full_evaluation(m, sets, cfg.poison.target, cfg.dataset.num_classes)
+            return {k: evaluation[k] for k in figures}
+
+        found["unlearning"] = {"before": measure(model)}
+        if found["flagged_classes"]:
+            x, y = to_float(ctx.clean.images).to(ctx.device), ctx.clean.labels.to(ctx.device)
+            fixed = unlearn(copy.deepcopy(model), x, y, suspect, epochs=ctx.knobs.unlearn_epochs, seed=cfg.seed)
+            found["unlearning"].update(unlearned_class=found["suspect"], after=measure(fixed))
+        return found
+
+    def log_lines(self, result: dict[str, Any]) -> list[str]:
+        lines = [f"neural cleanse: anomaly index {max(result['anomaly_index']):.2f} for class {result['suspect']}, "
+                 f"flagged classes {result['flagged_classes'] or 'none'}"]
+        unlearning = result["unlearning"]
+        if "after" in unlearning:
+            before, after = unlearning["before"], unlearning["after"]
+            lines.append(f"unlearning class {unlearning['unlearned_class']}'s trigger: ASR "
+                         f"{before['attack_success_rate']:.2%} -> {after['attack_success_rate']:.2%}, "
+                         f"clean accuracy {before['clean_accuracy']:.2%} -> {after['clean_accuracy']:.2%}")
+        return lines
+
+    def report_section(self, result: dict[str, Any], cfg: Any, detection: dict[str, Any]) -> list[Block]:
+        """The anomaly index per class, the suspect's recovered mask beside the real trigger, and
+        unlearning's effect."""
+        import matplotlib.pyplot as plt
+
+        from backdoor_train.attack.triggers import apply_trigger
+
+        real = apply_trigger(torch.zeros((1, *cfg.dataset.shape), dtype=torch.uint8), cfg.poison.trigger)[0]
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+        index = result["anomaly_index"]
+        axes[0].bar(range(len(index)), index, color=["C3" if c in result["flagged_classes"] else "C0"
+                                                     for c in range(len(index))])
+        axes[0].axhline(ANOMALY_THRESHOLD, color="k", ls="--", lw=1)
+        axes[0].set_xticks(range(len(index)))
+        axes[0].set_title(f"anomaly index per class (flagged > {ANOMALY_THRESHOLD:g})")
+        axes[1].imshow(torch.tensor(result["suspect_mask"]).numpy(), cmap="magma", vmin=0, vmax=1)
+        axes[1].set_title(f"recovered mask, class {result['suspect']}")
+        axes[2].imshow(real.permute(1, 2, 0).float().div(255).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2].set_title(f"real trigger (target {cfg.poison.target})")
+        for ax in axes[1:]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        near = result.get("suspect_mass_near_trigger")
+        blocks: list[Block] = [
+            Text(f"Suspect class {result['suspect']} (anomaly index {max(index):.2f}; flagged: "
+                 f"{result['flagged_classes'] or 'none'}); its mask's L1 norm "
+                 f"{result['l1_norms'][result['suspect']]:.1f} against a median of "
+                 f"{sorted(result['l1_norms'])[len(index) // 2]:.1f}"
+                 + (f"; {near:.0%} of its mass within one pixel of the real trigger" if near is not None else "")
+                 + f". Reverse-engineered from the first {detection.get('defender_clean_samples')} test images."),
+            Plot(fig)]
+        unlearning = result["unlearning"]
+        if "after" in unlearning:
+            before, after = unlearning["before"], unlearning["after"]
+            blocks.append(Table(["model", "clean accuracy", "ASR"],
+                                [["poisoned", pct(before["clean_accuracy"]), pct(before["attack_success_rate"])],
+                                 [f"class {unlearning['unlearned_class']}'s trigger unlearned",
+                                  pct(after["clean_accuracy"]), pct(after["attack_success_rate"])]]))
+        else:
+            blocks.append(Text("No class flagged: nothing to unlearn."))
+        return blocks

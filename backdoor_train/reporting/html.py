@@ -13,11 +13,13 @@ import dataclasses
 import html
 import io
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from backdoor_train.config import ExperimentConfig
+from backdoor_train.results import (EpochBands, EpochRecord, MultiSeedResults, SeedRow, SeedStatistics, SweepSummary,
+                                    TrialRow, VariantStatistics)
 from backdoor_train.data.split import to_float
 from backdoor_train.storage.staging import load_splits
 from backdoor_train.attack.evaluate import attack_mask
@@ -48,14 +50,14 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{x:.2%}"
 
 
-def _curves(runs: dict[str, list[dict[str, Any]]]) -> str:
+def _curves(runs: dict[str, Sequence[EpochRecord]]) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, history in runs.items():
-        epochs = [h["epoch"] for h in history]
+        epochs = [h.epoch for h in history]
         for ax, key in zip(axes, ("train_loss", "test_accuracy", "attack_success_rate")):
-            ax.plot(epochs, [h[key] for h in history], marker="o", ms=3, label=label)
+            ax.plot(epochs, [getattr(h, key) for h in history], marker="o", ms=3, label=label)
     for ax, title in zip(axes, ("training loss", "clean test accuracy", "attack success rate")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -64,7 +66,7 @@ def _curves(runs: dict[str, list[dict[str, Any]]]) -> str:
     return _png(fig)
 
 
-def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+def _bands(series: dict[str, EpochBands]) -> str:
     """Per-epoch figures over seeds (``stats.by_epoch`` rows): the mean as a line, the 95% t
     interval shaded, min and max dotted. The backdoor appears abruptly, at a seed-dependent
     epoch; one seed's curve would hide that."""
@@ -75,15 +77,15 @@ def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     for i, (label, by_key) in enumerate(series.items()):
         color = f"C{i % 10}"
         for ax, key in zip(axes, ("test_accuracy", "attack_success_rate")):
-            rows = by_key[key]
-            epochs = [r["epoch"] for r in rows]
-            ax.plot(epochs, [r["mean"] for r in rows], marker="o", ms=3, color=color,
-                    label=f"{label} (n={rows[0]['n']})" if rows else label)
-            if rows and rows[0]["ci95"] is not None:
-                ax.fill_between(epochs, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows],
+            rows = getattr(by_key, key)
+            epochs = [r.epoch for r in rows]
+            ax.plot(epochs, [r.mean for r in rows], marker="o", ms=3, color=color,
+                    label=f"{label} (n={rows[0].n})" if rows else label)
+            if rows and rows[0].ci95 is not None:
+                ax.fill_between(epochs, [r.ci95[0] for r in rows], [r.ci95[1] for r in rows],
                                 color=color, alpha=0.2, linewidth=0)
                 for bound in ("min", "max"):
-                    ax.plot(epochs, [r[bound] for r in rows], color=color, linestyle=":", linewidth=0.8)
+                    ax.plot(epochs, [getattr(r, bound) for r in rows], color=color, linestyle=":", linewidth=0.8)
     for ax, title in zip(axes, ("clean test accuracy", "attack success rate")):
         ax.set_title(f"{title}: mean, 95% interval (shaded), min/max (dotted)", fontsize=9)
         ax.set_xlabel("epoch")
@@ -94,16 +96,16 @@ def _bands(series: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     return _png(fig)
 
 
-def _statistics_table(stats: dict[str, Any], label: str = "") -> tuple[list[str], list[list[Any]]]:
+def _statistics_table(stats: SeedStatistics, label: str = "") -> tuple[list[str], list[list[Any]]]:
     """Header and rows of ``seeds.seed_statistics``, each row prefixed with ``label`` if given."""
     from backdoor_train.runs.stats import fmt_pct, fmt_pp, fmt_range
 
-    rows = [[label, v, f["clean_accuracy"]["n"], fmt_pct(f["clean_accuracy"]), fmt_pct(f["attack_success_rate"]),
-             fmt_range(f["attack_success_rate"])]
-            for v, f in stats["variants"].items()]
-    if "clean_accuracy_difference" in stats:
-        rows.append([label, "poisoned − clean (paired)", stats["clean_accuracy_difference"]["n"],
-                     fmt_pp(stats["clean_accuracy_difference"]), "", ""])
+    rows = [[label, v, f.clean_accuracy.n, fmt_pct(f.clean_accuracy), fmt_pct(f.attack_success_rate),
+             fmt_range(f.attack_success_rate)]
+            for v, f in stats.variants.items()]
+    difference = stats.clean_accuracy_difference
+    if difference is not None:
+        rows.append([label, "poisoned − clean (paired)", difference.n, fmt_pp(difference), "", ""])
     header = ["grid point" if label else "", "variant", "seeds", "clean accuracy: mean ± std [95% t interval]",
               "ASR: mean ± std [95% t interval]", "ASR min–max"]
     if not label:
@@ -111,34 +113,36 @@ def _statistics_table(stats: dict[str, Any], label: str = "") -> tuple[list[str]
     return header, rows
 
 
-def _seed_table(rows: list[dict[str, Any]], label: str = "seed") -> str:
-    """Each seed's figures and the epoch its ASR first reached 50%."""
-    variants = list(rows[0]["variants"]) if rows else []
+def _seed_table(rows: Sequence[SeedRow], label: str = "seed") -> str:
+    """Each seed's (or sweep trial's) figures and the epoch its ASR first reached 50%."""
+    variants = list(rows[0].variants) if rows else []
     header = [label] + [f"{v} {what}" for v in variants for what in ("clean accuracy", "ASR", "ASR ≥ 50% at epoch")]
     body = []
     for row in rows:
-        cells: list[Any] = [row.get("name", row["seed"])]
+        cells: list[Any] = [row.name if isinstance(row, TrialRow) else row.seed]
         for v in variants:
-            r = row["variants"][v]
-            epoch = r.get("asr_reached_epoch")
-            cells += [_pct(r["clean_accuracy"]), _pct(r["attack_success_rate"]), "never" if epoch is None else epoch]
+            r = row.variants[v]
+            epoch = r.asr_reached_epoch
+            cells += [_pct(r.clean_accuracy), _pct(r.attack_success_rate), "never" if epoch is None else epoch]
         body.append(cells)
     return _table(header, body)
 
 
-def _means(figures: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The mean of each figure described over seeds; NaN where no seed had one."""
-    return {m: float("nan") if s["mean"] is None else s["mean"] for m, s in figures.items()}
+def _means(figures: VariantStatistics) -> tuple[float, float]:
+    """The means of clean accuracy and ASR over seeds; NaN where no seed had one."""
+    return tuple(float("nan") if s.mean is None else s.mean  # type: ignore[return-value]
+                 for s in (figures.clean_accuracy, figures.attack_success_rate))
 
 
-def _acc_vs_asr(variants: dict[str, dict[str, Any]]) -> str:
+def _acc_vs_asr(variants: dict[str, tuple[float, float]]) -> str:
+    """Bars of each variant's (clean accuracy, ASR)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     names = list(variants)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [variants[n]["clean_accuracy"] for n in names], 0.4, label="clean accuracy")
-    ax.bar([x + 0.2 for x in xs], [variants[n]["attack_success_rate"] for n in names], 0.4, label="ASR")
+    ax.bar([x - 0.2 for x in xs], [variants[n][0] for n in names], 0.4, label="clean accuracy")
+    ax.bar([x + 0.2 for x in xs], [variants[n][1] for n in names], 0.4, label="ASR")
     ax.set_xticks(list(xs), names)
     ax.set_ylim(0, 1.05)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -177,107 +181,42 @@ def _examples(cfg: ExperimentConfig, models: dict[str, torch.nn.Module], n: int 
 
 
 def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> str:
+    """Each registered defense's part (defenses/registry.py), in order, under its title; after a
+    detector's, its methods' retrains. A defense the file lacks (written before it existed) is left out."""
+    from backdoor_train.defenses.registry import defenses
+
     if not detection:
         return "<p>No detection results: run <code>backdoor-train detect</code> on the experiment.</p>"
-    rows = [[m, r["flagged"], r["true_positives"], _pct(r["precision"]), _pct(r["recall"]), f"{r['fpr']:.3%}",
-             _pct(r["chance_precision"])] for m, r in detection["methods"].items()]
-    out = _table(["method", "flagged", "true positives", "precision", "recall (TPR)", "FPR",
-                  "precision by chance"], rows)
-    if "clean_share_ratio" in detection["methods"].get("activation_clustering", {}):
-        out += _per_label(detection["methods"])
-    for method, r in detection.get("retrain", {}).items():
-        out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
-                f"({r['remaining_poisoned']} poisoned left): clean accuracy {_pct(r['clean_accuracy'])}, "
-                f"ASR {_pct(r['attack_success_rate'])}.</p>")
-    if "neural_cleanse" in detection:  # written by releases with the inference-time defenses
-        out += _cleanse(detection["neural_cleanse"], cfg, detection.get("defender_clean_samples"))
-        out += _strip(detection["strip"])
+    out = ""
+    for defense in defenses():
+        if defense.detection_key not in detection:
+            continue
+        out += f"<h3>{html.escape(defense.title)}</h3>"
+        out += _blocks(defense.report_section(detection[defense.detection_key], cfg, detection))
+        for method in defense.retrain_methods:
+            r = detection.get("retrain", {}).get(method)
+            if r is not None:
+                out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
+                        f"({r['remaining_poisoned']} poisoned left): clean accuracy {_pct(r['clean_accuracy'])}, "
+                        f"ASR {_pct(r['attack_success_rate'])}.</p>")
     return out
 
 
-def _per_label(methods: dict[str, Any]) -> str:
-    """What each detection method decided on, per training label (defenses/activations.py)."""
-    import statistics
+def _blocks(blocks: list[Any]) -> str:
+    """A defense's report blocks (defenses/base.py) as HTML."""
+    from backdoor_train.defenses.base import Plot, Table, Text
 
-    import matplotlib.pyplot as plt
-
-    from backdoor_train.defenses.activations import REF_RATIO, TAIL_RATIO
-
-    ratio = methods["activation_clustering"]["clean_share_ratio"]
-    tail = methods["spectral_signatures"]["score_tail"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    axes[0].bar(list(ratio), list(ratio.values()), color=["C3" if r < REF_RATIO else "C0" for r in ratio.values()])
-    axes[0].axhline(REF_RATIO, color="k", ls="--", lw=1)
-    axes[0].set_title("activation clustering: clean images' share / training share\n"
-                      f"of the cluster they avoid (flagged < {REF_RATIO:g})", fontsize=9)
-    if tail:
-        median = statistics.median(tail.values()) or 1.0  # all-zero activations: plot them as they are
-        relative = [t / median for t in tail.values()]
-        axes[1].bar(list(tail), relative, color=["C3" if r > TAIL_RATIO else "C0" for r in relative])
-        axes[1].axhline(TAIL_RATIO, color="k", ls="--", lw=1)
-        axes[1].set_yscale("log")
-    axes[1].set_title(f"spectral signatures: score tail over the labels' median\n(flagged > {TAIL_RATIO:g})",
-                      fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("training label")
-    return _png(fig)
-
-
-def _cleanse(found: dict[str, Any], cfg: ExperimentConfig, clean_samples: Optional[int]) -> str:
-    """Neural Cleanse: anomaly index per class, the suspect's recovered mask beside the real
-    trigger, and unlearning's effect."""
-    import matplotlib.pyplot as plt
-
-    shape = cfg.dataset.shape
-    real = apply_trigger(torch.zeros((1, *shape), dtype=torch.uint8), cfg.poison.trigger)[0]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
-    index = found["anomaly_index"]
-    axes[0].bar(range(len(index)), index, color=["C3" if c in found["flagged_classes"] else "C0"
-                                                 for c in range(len(index))])
-    axes[0].axhline(2.0, color="k", ls="--", lw=1)
-    axes[0].set_xticks(range(len(index)))
-    axes[0].set_title("anomaly index per class (flagged > 2)")
-    axes[1].imshow(torch.tensor(found["suspect_mask"]).numpy(), cmap="magma", vmin=0, vmax=1)
-    axes[1].set_title(f"recovered mask, class {found['suspect']}")
-    axes[2].imshow(real.permute(1, 2, 0).float().div(255).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-    axes[2].set_title(f"real trigger (target {cfg.poison.target})")
-    for ax in axes[1:]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    near = found.get("suspect_mass_near_trigger")
-    text = (f"<h3>Neural Cleanse</h3><p>Suspect class {found['suspect']} (anomaly index "
-            f"{max(index):.2f}; flagged: {found['flagged_classes'] or 'none'}); its mask's L1 norm "
-            f"{found['l1_norms'][found['suspect']]:.1f} against a median of "
-            f"{sorted(found['l1_norms'])[len(index) // 2]:.1f}"
-            + (f"; {near:.0%} of its mass within one pixel of the real trigger" if near is not None else "")
-            + f". Reverse-engineered from the first {clean_samples} test images.</p>" + _png(fig))
-    unlearning = found["unlearning"]
-    if "after" in unlearning:
-        before, after = unlearning["before"], unlearning["after"]
-        text += _table(["model", "clean accuracy", "ASR"],
-                       [["poisoned", _pct(before["clean_accuracy"]), _pct(before["attack_success_rate"])],
-                        [f"class {unlearning['unlearned_class']}'s trigger unlearned",
-                         _pct(after["clean_accuracy"]), _pct(after["attack_success_rate"])]])
-    else:
-        text += "<p>No class flagged: nothing to unlearn.</p>"
-    return text
-
-
-def _strip(found: dict[str, Any]) -> str:
-    """STRIP: the entropy of clean and triggered held-out inputs, and the threshold."""
-    import matplotlib.pyplot as plt
-
-    edges = found["entropy_bin_edges"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for key, label in (("clean_entropy_histogram", "clean"), ("triggered_entropy_histogram", "triggered")):
-        ax.stairs(found[key], edges, label=label, fill=True, alpha=0.5)
-    ax.axvline(found["threshold"], color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel("mean prediction entropy over blends")
-    ax.legend()
-    return (f"<h3>STRIP</h3><p>Threshold set for {found['target_frr']:.0%} false rejections on the "
-            f"defender's clean images: FRR {_pct(found['frr'])} on {found['n_clean']} held-out clean "
-            f"images, FAR {_pct(found['far'])} on {found['n_triggered']} triggered ones "
-            f"({found['n_blends']} blends each).</p>" + _png(fig))
+    out = ""
+    for block in blocks:
+        if isinstance(block, Text):
+            out += f"<p>{html.escape(block.text)}</p>"
+        elif isinstance(block, Table):
+            out += _table(block.header, block.rows)
+        elif isinstance(block, Plot):
+            out += _png(block.figure)
+        else:
+            raise TypeError(f"not a report block: {block!r}")  # a defense's bug, not user input
+    return out
 
 
 def _page(title: str, parts: dict[str, str]) -> str:
@@ -291,18 +230,19 @@ def _page(title: str, parts: dict[str, str]) -> str:
 def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
     store = RunStore(storage, cfg.name)
     results = store.read_results()
-    if "per_seed" in results:  # what was run decides, not whether --seeds was given again
+    if isinstance(results, MultiSeedResults):  # what was run decides, not whether --seeds was given again
         return seeds_report(cfg, storage, results)
-    variants = results["variants"]
+    variants = results.variants
     detection = store.read_detection()
     models = {v: store.read_model(v, cfg) for v in variants}
     parts = {
         "Summary": _table(["variant", "clean accuracy", "ASR", "poisoned training images", "fit seconds"],
-                          [[v, _pct(r["clean_accuracy"]), _pct(r["attack_success_rate"]),
-                            results["n_poisoned"] if v == "poisoned" else 0, f"{r['fit_seconds']:.0f}"]
+                          [[v, _pct(r.clean_accuracy), _pct(r.attack_success_rate),
+                            results.n_poisoned if v == "poisoned" else 0, f"{r.fit_seconds:.0f}"]
                            for v, r in variants.items()]),
-        "Training curves": _curves({v: r["history"] for v, r in variants.items()}),
-        "Clean accuracy vs ASR": _acc_vs_asr(variants),
+        "Training curves": _curves({v: r.history for v, r in variants.items()}),
+        "Clean accuracy vs ASR": _acc_vs_asr({v: (r.clean_accuracy, r.attack_success_rate)
+                                              for v, r in variants.items()}),
         "ASR vs poison rate": "<p>A single experiment has one poison rate; see a sweep's report.</p>",
         "Example images": _examples(cfg, models),
         "Detection": _detection(detection, cfg),
@@ -310,74 +250,77 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
     return _page(f"backdoor_train report: {cfg.name}", parts)
 
 
-def seeds_report(cfg: ExperimentConfig, storage: Storage, results: dict[str, Any]) -> str:
+def seeds_report(cfg: ExperimentConfig, storage: Storage, results: MultiSeedResults) -> str:
     """The report of a multi-seed experiment (runs/seeds.py): statistics over seeds first."""
     from backdoor_train.runs.seeds import seed_experiments
 
-    if not results["per_seed"]:
+    stats = results.statistics
+    if not results.per_seed or stats is None or results.by_epoch is None:
         raise StorageError(f"{storage.key_uri(cfg.name)}: no seed has finished, there is nothing to report")
-    header, rows = _statistics_table(results)
-    seed = results["per_seed"][0]["seed"]
+    header, rows = _statistics_table(stats)
+    seed = results.per_seed[0].seed
     (first,) = seed_experiments(dataclasses.replace(cfg, seed=seed, seeds=(seed,)))
     child = RunStore(open_storage(first.storage), first.name)
-    models = {v: child.read_model(v, first) for v in results["variants"]}
-    failed = (f"<p>{len(results['failures'])} seed(s) failed: {html.escape(', '.join(results['failures']))}.</p>"
-              if results["failures"] else "")
+    models = {v: child.read_model(v, first) for v in stats.variants}
+    failed = (f"<p>{len(results.failures)} seed(s) failed: {html.escape(', '.join(results.failures))}.</p>"
+              if results.failures else "")
     parts = {
-        "Summary": _table(header, rows) + failed + "<h3>Per seed</h3>" + _seed_table(results["per_seed"]),
-        "Training curves": _bands(results["by_epoch"]),
-        "Clean accuracy vs ASR": _acc_vs_asr({v: _means(f) for v, f in results["variants"].items()}),
+        "Summary": _table(header, rows) + failed + "<h3>Per seed</h3>" + _seed_table(results.per_seed),
+        "Training curves": _bands(results.by_epoch),
+        "Clean accuracy vs ASR": _acc_vs_asr({v: _means(f) for v, f in stats.variants.items()}),
         "ASR vs poison rate": "<p>A multi-seed experiment has one poison rate; see a sweep's report.</p>",
         "Example images": f"<p>Models of seed {first.seed}.</p>" + _examples(first, models),
         "Detection": "<p>Detection runs on one trained experiment: one seed's, in its folder.</p>",
     }
-    return _page(f"backdoor_train report: {cfg.name} over {len(results['per_seed'])} seeds", parts)
+    return _page(f"backdoor_train report: {cfg.name} over {len(results.per_seed)} seeds", parts)
 
 
-def sweep_report(sweep: Any, store: SweepStore, summary: dict[str, Any]) -> str:
+def sweep_report(sweep: Any, store: SweepStore, summary: SweepSummary) -> str:
     """The report of a sweep whose folder is ``store``; its trials are experiments in it."""
     import matplotlib.pyplot as plt
 
     from backdoor_train.runs.seeds import by_epoch_over_seeds
     from backdoor_train.runs.sweep import summarize
 
-    trials = {t["name"]: t for t in summary["trials"]}
-    results = {name: store.trial(name).read_results() for name in trials}
+    if not summary.trials:
+        raise StorageError(f"{summary.summary_uri}: no trial has finished, there is nothing to report")
+    results = {t.name: store.trial(t.name).read_experiment_results() for t in summary.trials}
     # The statistics of this code, whichever release wrote summary.json.
-    summary = {**summary, **summarize(sweep, {t.name: results[t.name] for t in sweep.trials if t.name in results})}
-    trials = {t["name"]: t for t in summary["trials"]}
+    summary = dataclasses.replace(summarize(sweep, results), failures=summary.failures)
+    trials = {t.name: t for t in summary.trials}
     rows: list[list[Any]] = []
+    header: list[str] = []
     bands = {}
-    mean_by_variant: dict[str, dict[str, float]] = {}
-    for g in summary["groups"]:
-        point = json.dumps(g["point"]) if g["point"] else "all"
-        header, group_rows = _statistics_table(g, f"{point} ({g['n_poisoned']} poisoned)")
+    mean_by_variant: dict[str, tuple[float, float]] = {}
+    for g in summary.groups:
+        point = json.dumps(g.point) if g.point else "all"
+        header, group_rows = _statistics_table(g.statistics, f"{point} ({g.n_poisoned} poisoned)")
         rows += group_rows
-        for variant, by_key in by_epoch_over_seeds([results[t] for t in g["trials"]]).items():
-            bands[f"{point if g['point'] else ''} {variant}".strip()] = by_key
-        for variant, f in g["variants"].items():
-            mean_by_variant[f"{json.dumps(g['point'])} {variant}"] = _means(f)
+        for variant, by_key in by_epoch_over_seeds([results[t] for t in g.trials]).items():
+            bands[f"{point if g.point else ''} {variant}".strip()] = by_key
+        for variant, f in g.variants.items():
+            mean_by_variant[f"{json.dumps(g.point)} {variant}"] = _means(f)
 
     rate_part = "<p>This sweep's grid has no poison.rate axis.</p>"
-    if "poison.rate" in summary["grid"]:
+    if "poison.rate" in summary.grid:
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        others = sorted({json.dumps({k: v for k, v in g["point"].items() if k != "poison.rate"})
-                         for g in summary["groups"]})
-        for other in others:
-            groups = sorted((g for g in summary["groups"] if json.dumps(
-                {k: v for k, v in g["point"].items() if k != "poison.rate"}) == other),
-                key=lambda g: g["point"]["poison.rate"])
-            for variant in groups[0]["variants"]:
-                rates = [g["point"]["poison.rate"] * 100 for g in groups]
-                asr = [g["variants"][variant]["attack_success_rate"] for g in groups]
-                rates, asr = [r for r, a in zip(rates, asr) if a["n"]], [a for a in asr if a["n"]]  # n 0: no ASR
-                ax.errorbar(rates, [a["mean"] for a in asr],
-                            yerr=[[a["mean"] - a["min"] for a in asr], [a["max"] - a["mean"] for a in asr]],
+
+        def others_of(g: Any) -> str:
+            return json.dumps({k: v for k, v in g.point.items() if k != "poison.rate"})
+
+        for other in sorted({others_of(g) for g in summary.groups}):
+            groups = sorted((g for g in summary.groups if others_of(g) == other), key=lambda g: g.point["poison.rate"])
+            for variant in groups[0].variants:
+                rates = [g.point["poison.rate"] * 100 for g in groups]
+                asr = [g.variants[variant].attack_success_rate for g in groups]
+                rates, asr = [r for r, a in zip(rates, asr) if a.n], [a for a in asr if a.n]  # n 0: no ASR
+                ax.errorbar(rates, [a.mean for a in asr],
+                            yerr=[[a.mean - a.min for a in asr], [a.max - a.mean for a in asr]],
                             marker="o", capsize=3, label=variant if other == "{}" else f"{other} {variant}")
                 for g in groups:  # every seed's own figure
-                    for t in g["trials"]:
-                        ax.scatter([g["point"]["poison.rate"] * 100],
-                                   [trials[t]["variants"][variant]["attack_success_rate"]], s=8, c="k", alpha=0.4)
+                    for t in g.trials:
+                        ax.scatter([g.point["poison.rate"] * 100],
+                                   [trials[t].variants[variant].attack_success_rate], s=8, c="k", alpha=0.4)
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xlabel("poison rate (% of training images)")
         ax.set_ylabel("attack success rate")
@@ -387,17 +330,17 @@ def sweep_report(sweep: Any, store: SweepStore, summary: dict[str, Any]) -> str:
         rate_part = _png(fig) + "<p>Line: mean over seeds; bars: min–max; dots: single seeds.</p>"
 
     # Example images and detection from the trial with the highest poison rate that has both.
-    example_trial = max(results, key=lambda n: results[n]["n_poisoned"])
-    cfg = ExperimentConfig.from_stored(results[example_trial]["config"])
+    example_trial = max(results, key=lambda n: results[n].n_poisoned)
+    cfg = results[example_trial].config
     example = store.trial(example_trial)
-    models = {v: example.read_model(v, cfg) for v in results[example_trial]["variants"]}
+    models = {v: example.read_model(v, cfg) for v in results[example_trial].variants}
     detection = example.read_detection()
     parts = {
-        "Summary": _table(header, rows) + "<h3>Per trial</h3>" + _seed_table(summary["trials"], "trial"),
+        "Summary": _table(header, rows) + "<h3>Per trial</h3>" + _seed_table(summary.trials, "trial"),
         "Training curves": _bands(bands),
         "Clean accuracy vs ASR": _acc_vs_asr(mean_by_variant),
         "ASR vs poison rate": rate_part,
         "Example images": f"<p>From trial {html.escape(example_trial)}.</p>" + _examples(cfg, models),
         "Detection": f"<p>Trial {html.escape(example_trial)}.</p>" + _detection(detection, cfg),
     }
-    return _page(f"backdoor_train sweep report: {summary['sweep']}", parts)
+    return _page(f"backdoor_train sweep report: {summary.sweep}", parts)

@@ -4,21 +4,20 @@ results through the run store (storage/runstore.py, which also shows the layout)
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from backdoor_train.config import VARIANTS, ConfigError, ExperimentConfig
+from backdoor_train.results import EpochRecord, ExperimentResults, ResultsError, VariantResult
 from backdoor_train.storage.staging import load_splits
 from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.training.fitting import FitSpec, check_cluster, fit_variants
+from backdoor_train.training.fitting import FitSpec, fit_variants
 from backdoor_train.training.metrics import make_run_metrics
 from backdoor_train.attack.poison import build_poisoned
 from backdoor_train.training.resume import ResumePlan, plan_resume
-from backdoor_train.storage.runlock import run_lock
-from backdoor_train.storage.runstore import CONFIG, RESULTS, RunStore
-from backdoor_train.storage import Storage, StorageError, open_storage
+from backdoor_train.runs.locked import locked_run
+from backdoor_train.storage.runstore import CONFIG, RunStore
+from backdoor_train.storage import Storage, StorageError
 from backdoor_train.training.worker import restore_model
 
 # Keys that may differ when an experiment is rerun under the same name: they change how or
@@ -84,7 +83,7 @@ def record_config(cfg: ExperimentConfig, storage: Storage) -> None:
     RunStore(storage, cfg.name).write_config(cfg)
 
 
-def earlier_results(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
+def earlier_results(cfg: ExperimentConfig, storage: Storage) -> Optional[ExperimentResults]:
     """The results an earlier run under ``cfg.name`` wrote, if it trained with the same setting
     (the same epochs too; any variants); None when there are none or they are unreadable."""
     store = RunStore(storage, cfg.name)
@@ -92,56 +91,39 @@ def earlier_results(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] |
         return None
     try:
         results = store.read_results()
-        same = not setting_diffs(results["config"], cfg) and \
-            results["config"]["train"]["epochs"] == cfg.train.epochs and isinstance(results["variants"], dict)
-    except (StorageError, ConfigError, KeyError, TypeError, AttributeError):  # unreadable: run again
+        same = isinstance(results, ExperimentResults) and not setting_diffs(results.config.to_dict(), cfg) \
+            and results.config.train.epochs == cfg.train.epochs
+    except (StorageError, ConfigError, ResultsError):  # unreadable: run again
         return None
-    return {**results, "results_uri": store.uri(RESULTS)} if same else None
+    return results if same else None
 
 
-def finished_run(cfg: ExperimentConfig, storage: Storage) -> dict[str, Any] | None:
+def finished_run(cfg: ExperimentConfig, storage: Storage) -> Optional[ExperimentResults]:
     """The results of an earlier run of ``cfg`` that trained every variant it asks for with the
     same setting, reduced to those variants; None when there is none (then it must run)."""
     results = earlier_results(cfg, storage)
-    if results is None or not all(v in results["variants"] for v in cfg.variants):
+    if results is None or not all(v in results.variants for v in cfg.variants):
         return None
-    return {**results, "variants": {v: results["variants"][v] for v in cfg.variants}}
+    return dataclasses.replace(results, variants={v: results.variants[v] for v in cfg.variants})
 
 
-def merge_variants(new: dict[str, Any], earlier: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+def merge_variants(new: dict[str, VariantResult], earlier: Optional[ExperimentResults]
+                   ) -> tuple[dict[str, VariantResult], dict[str, str]]:
     """This run's variants plus those an earlier run of the same setting trained and this one
     did not (a rerun of one variant must not lose the other's figures), in ``VARIANTS`` order;
     and, for each kept one, the run that trained it."""
-    kept = {v: r for v, r in (earlier or {}).get("variants", {}).items() if v not in new}
+    kept = {v: r for v, r in (earlier.variants if earlier else {}).items() if v not in new}
     merged = {**kept, **new}
-    return ({v: merged[v] for v in VARIANTS if v in merged},
-            {v: (earlier or {}).get("run_id", "?") for v in kept})
+    return {v: merged[v] for v in VARIANTS if v in merged}, {v: earlier.run_id for v in kept} if earlier else {}
 
 
-def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Make local paths absolute on the driver: Ray workers run in other directories."""
-    def fix(path: str) -> str:
-        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-    return dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, root=fix(cfg.data.root)),
-        storage=dataclasses.replace(cfg.storage, path=fix(cfg.storage.path)),
-    )
-
-
-def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> ExperimentResults:
     """Run every variant of the experiment on the connected Ray cluster; return the results."""
-    cfg = absolute_paths(cfg)
-    check_cluster(cfg)  # before the manifest and any training: a config the cluster cannot hold is bad input
-    storage = open_storage(cfg.storage)
-    storage.check()
-    run_id = uuid.uuid4().hex[:12]
-    with run_lock(storage, cfg.name, run_id):  # one run of a name at a time
-        return _run_locked(cfg, storage, run_id, log)
+    with locked_run(cfg) as run:  # one run of a name at a time
+        return _run_locked(run.cfg, run.storage, run.run_id, log)
 
 
-def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> ExperimentResults:
     plans = check_existing_run(cfg, storage, log)  # under the run lock: still true when the fits start
     started = time.time()
     t0 = time.perf_counter()
@@ -162,20 +144,17 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
     log(f"training {', '.join(cfg.variants)}: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s) "
         f"per model, global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}")
     specs = [FitSpec(v, hashes[v], manifest.n_poisoned if v == "poisoned" else 0) for v in cfg.variants]
-    variants: dict[str, Any] = {}
+    variants: dict[str, VariantResult] = {}
 
     def finished(spec: FitSpec, checkpoint: Any, timing: dict[str, float]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             model, state = restore_model(ckpt_dir, cfg)
         store.write_model(spec.variant, model)
-        variants[spec.variant] = {
-            **full_evaluation(model, eval_sets, cfg.poison.target, cfg.dataset.num_classes),
-            "train_sha256": spec.train_sha256,
-            **timing,
-            "checkpoint": checkpoint.path,
-            "history": state["history"],
-        }
-        _push(log, run_metrics.variant_finished, spec.variant, variants[spec.variant], spec.n_poisoned)
+        evaluation = full_evaluation(model, eval_sets, cfg.poison.target, cfg.dataset.num_classes)
+        variants[spec.variant] = VariantResult(
+            **evaluation, train_sha256=spec.train_sha256, **timing, checkpoint=checkpoint.path,
+            history=tuple(EpochRecord(**epoch) for epoch in state["history"]))
+        _push(log, run_metrics.variant_finished, spec.variant, evaluation, spec.n_poisoned)
 
     try:
         fit_variants(cfg, specs, storage, run_id, finished, log, plans)
@@ -187,20 +166,11 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
     variants, kept = merge_variants(variants, earlier_results(cfg, storage))
     if kept:
         log(f"results keep {', '.join(kept)} from the earlier run of this setting (not trained now)")
-    results = {
-        "experiment": cfg.name,
-        "run_id": run_id,
-        "started_at": started,
-        "finished_at": time.time(),
-        "poison_seconds": poison_seconds,
-        "n_poisoned": manifest.n_poisoned,
-        "poison_manifest": manifest_uri,
-        "variants": variants,
-        "kept_from_earlier_runs": kept,
-        "config": cfg.to_dict(),
-    }
-    results["results_uri"] = store.write_results(results)
-    return results
+    results = ExperimentResults(
+        experiment=cfg.name, run_id=run_id, started_at=started, finished_at=time.time(),
+        poison_seconds=poison_seconds, n_poisoned=manifest.n_poisoned, poison_manifest=manifest_uri,
+        variants=variants, kept_from_earlier_runs=kept, config=cfg)
+    return dataclasses.replace(results, results_uri=store.write_results(results))
 
 
 def _push(log: Callable[[str], None], fn: Callable[..., None], *args: Any) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
-from typing import Any, Callable
+from typing import Callable
 
 from backdoor_train.config import ExperimentConfig
-from backdoor_train.runs.experiment import absolute_paths, check_existing_run, record_config, refuse_other_setting
-from backdoor_train.training.fitting import check_cluster
-from backdoor_train.storage.runlock import refuse_if_running, run_lock
+from backdoor_train.results import (EpochBands, ExperimentResults, MultiSeedResults, SeedFigures, SeedRow,
+                                    SeedStatistics, VariantStatistics)
+from backdoor_train.runs.experiment import check_existing_run, record_config, refuse_other_setting
+from backdoor_train.runs.locked import locked_run
+from backdoor_train.storage.runlock import refuse_if_running
 from backdoor_train.storage.runstore import RunStore, child_path
 from backdoor_train.runs.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
@@ -51,61 +52,57 @@ def check_seed_folders(children: list[ExperimentConfig]) -> None:
         refuse_other_setting(child, storage)
 
 
-def seed_row(seed: int, results: dict[str, Any]) -> dict[str, Any]:
+def seed_row(seed: int, results: ExperimentResults) -> SeedRow:
     """One seed's figures (from its experiment's results) as the statistics need them."""
-    return {"seed": seed, "n_poisoned": results["n_poisoned"], "results_uri": results.get("results_uri"),
-            "variants": {v: {"clean_accuracy": r["clean_accuracy"],
-                             "attack_success_rate": r["attack_success_rate"],
-                             "asr_reached_epoch": first_epoch_at(r["history"], "attack_success_rate", ASR_REACHED)}
-                         for v, r in results["variants"].items()}}
+    return SeedRow(seed=seed, n_poisoned=results.n_poisoned, results_uri=results.results_uri, variants={
+        v: SeedFigures(clean_accuracy=r.clean_accuracy, attack_success_rate=r.attack_success_rate,
+                       asr_reached_epoch=first_epoch_at(r.history, "attack_success_rate", ASR_REACHED))
+        for v, r in results.variants.items()})
 
 
-def seed_statistics(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def seed_statistics(per_seed: list[dict[str, SeedFigures]]) -> SeedStatistics:
     """Figures over seeds from each seed's ``{variant: figures}``: per variant ``describe`` of
     clean accuracy and ASR, and, with both variants, the paired difference in clean accuracy
     (poisoned - clean, seed by seed)."""
     variants = [v for v in per_seed[0] if all(v in seed for seed in per_seed)]
-    out: dict[str, Any] = {"variants": {
-        v: {m: describe([seed[v][m] for seed in per_seed]) for m in ("clean_accuracy", "attack_success_rate")}
-        for v in variants}}
+    difference = None
     if "clean" in variants and "poisoned" in variants:
-        out["clean_accuracy_difference"] = paired_difference(
-            [seed["clean"]["clean_accuracy"] for seed in per_seed],
-            [seed["poisoned"]["clean_accuracy"] for seed in per_seed])
-    return out
+        difference = paired_difference([seed["clean"].clean_accuracy for seed in per_seed],
+                                       [seed["poisoned"].clean_accuracy for seed in per_seed])
+    return SeedStatistics(variants={v: VariantStatistics(
+        clean_accuracy=describe([seed[v].clean_accuracy for seed in per_seed]),
+        attack_success_rate=describe([seed[v].attack_success_rate for seed in per_seed])) for v in variants},
+        clean_accuracy_difference=difference)
 
 
-def by_epoch_over_seeds(results: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def by_epoch_over_seeds(results: list[ExperimentResults]) -> dict[str, EpochBands]:
     """Per variant, the test accuracy and ASR of every epoch described over seeds."""
-    variants = [v for v in results[0]["variants"] if all(v in r["variants"] for r in results)]
-    return {v: {key: by_epoch([r["variants"][v]["history"] for r in results], key)
-                for key in ("test_accuracy", "attack_success_rate")} for v in variants}
+    variants = [v for v in results[0].variants if all(v in r.variants for r in results)]
+    return {v: EpochBands(**{key: by_epoch([r.variants[v].history for r in results], key)
+                             for key in ("test_accuracy", "attack_success_rate")}) for v in variants}
 
 
-def aggregate(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], failures: dict[str, str],
-              started: float) -> dict[str, Any]:
+def aggregate(cfg: ExperimentConfig, results: dict[str, ExperimentResults], failures: dict[str, str],
+              started: float) -> MultiSeedResults:
     """The multi-seed results: per-seed rows, statistics over them, the config."""
     done = [(s, results[seed_name(s)]) for s in cfg.seeds if seed_name(s) in results]
-    rows = [seed_row(s, r) for s, r in done]
-    out: dict[str, Any] = {"experiment": cfg.name, "seeds": list(cfg.seeds), "started_at": started,
-                           "finished_at": time.time(), "per_seed": rows, "failures": failures,
-                           "config": cfg.to_dict()}
-    if rows:
-        out["n_poisoned"] = rows[0]["n_poisoned"]
-        out.update(seed_statistics([row["variants"] for row in rows]))
-        out["by_epoch"] = by_epoch_over_seeds([r for _, r in done])
-    return out
+    rows = tuple(seed_row(s, r) for s, r in done)
+    out = MultiSeedResults(experiment=cfg.name, seeds=cfg.seeds, started_at=started, finished_at=time.time(),
+                           per_seed=rows, failures=failures, config=cfg)
+    if not rows:
+        return out
+    stats = seed_statistics([row.variants for row in rows])
+    return dataclasses.replace(out, n_poisoned=rows[0].n_poisoned, variants=stats.variants,
+                               clean_accuracy_difference=stats.clean_accuracy_difference,
+                               by_epoch=by_epoch_over_seeds([r for _, r in done]))
 
 
-def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> MultiSeedResults:
     """Run the experiment once per seed in ``cfg.seeds`` (seeds finished earlier are reused),
     as many seeds at once as the cluster holds; write and return the multi-seed results."""
-    cfg = absolute_paths(cfg)
-    check_cluster(cfg)  # before anything is written or trained: a config the cluster cannot hold
-    storage = open_storage(cfg.storage)
-    storage.check()
     # The whole, for its config.json and results.json; each seed's run takes its own as well.
-    with run_lock(storage, cfg.name, uuid.uuid4().hex[:12]):
+    with locked_run(cfg) as run:  # checks the cluster before anything is written or trained
+        cfg, storage = run.cfg, run.storage
         check_existing_run(cfg, storage, log)
         children = seed_experiments(cfg)
         check_seed_folders(children)
@@ -115,43 +112,42 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict
         results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
         out = aggregate(cfg, results, failures, started)
         uri = RunStore(storage, cfg.name).write_results(out)
-    out["results_uri"] = uri
-    return out
+    return dataclasses.replace(out, results_uri=uri)
 
 
-def format_statistics(stats: dict[str, Any], indent: str = "") -> list[str]:
+def format_statistics(stats: SeedStatistics, indent: str = "") -> list[str]:
     """Table rows of ``seed_statistics``: mean ± std [95% interval], and the ASR's range."""
     lines = [f"{indent}{'variant':<10} {'seeds':>5}  {'clean accuracy':<34} {'ASR':<34} {'ASR min–max':>13}"]
-    for variant, figs in stats["variants"].items():
-        acc, asr = figs["clean_accuracy"], figs["attack_success_rate"]
-        lines.append(f"{indent}{variant:<10} {acc['n']:>5}  {fmt_pct(acc):<34} {fmt_pct(asr):<34} "
+    for variant, figs in stats.variants.items():
+        acc, asr = figs.clean_accuracy, figs.attack_success_rate
+        lines.append(f"{indent}{variant:<10} {acc.n:>5}  {fmt_pct(acc):<34} {fmt_pct(asr):<34} "
                      f"{fmt_range(asr):>13}")
-    if "clean_accuracy_difference" in stats:
+    if stats.clean_accuracy_difference is not None:
         lines.append(f"{indent}clean accuracy, poisoned − clean, paired by seed: "
-                     f"{fmt_pp(stats['clean_accuracy_difference'])}")
+                     f"{fmt_pp(stats.clean_accuracy_difference)}")
     return lines
 
 
-def format_seed_results(out: dict[str, Any]) -> str:
-    cfg = out["config"]
-    lines = [f"experiment {out['experiment']}: {len(out['per_seed'])} of {len(out['seeds'])} seeds, "
-             f"{out.get('n_poisoned', '?')} poisoned training images, target {cfg['poison']['target']}, "
-             f"{cfg['poison']['selection']} selection", "",
+def format_seed_results(out: MultiSeedResults) -> str:
+    cfg = out.config
+    lines = [f"experiment {out.experiment}: {len(out.per_seed)} of {len(out.seeds)} seeds, "
+             f"{'?' if out.n_poisoned is None else out.n_poisoned} poisoned training images, target "
+             f"{cfg.poison.target}, {cfg.poison.selection} selection", "",
              "mean ± std [95% t interval] over seeds:"]
-    if out["per_seed"]:
-        lines += format_statistics(out)
-        variants = list(out["variants"])
+    if out.statistics is not None:
+        lines += format_statistics(out.statistics)
+        variants = list(out.statistics.variants)
         lines += ["", f"per seed (ASR ≥ {ASR_REACHED:.0%} first at epoch; '-' never):",
                   f"{'seed':>6}  " + "  ".join(f"{v + ' acc':>13} {v + ' ASR':>13} {'epoch':>5}" for v in variants)]
-        for row in out["per_seed"]:
+        for row in out.per_seed:
             cells = []
             for v in variants:
-                r = row["variants"][v]
-                epoch = r["asr_reached_epoch"]
-                cells.append(f"{r['clean_accuracy']:>13.2%} {r['attack_success_rate']:>13.2%} "
+                r = row.variants[v]
+                epoch = r.asr_reached_epoch
+                cells.append(f"{r.clean_accuracy:>13.2%} {r.attack_success_rate:>13.2%} "
                              f"{'-' if epoch is None else epoch:>5}")
-            lines.append(f"{row['seed']:>6}  " + "  ".join(cells))
-    if out["failures"]:
-        lines += ["", f"{len(out['failures'])} seed(s) failed: {', '.join(out['failures'])}"]
-    lines += ["", f"results: {out.get('results_uri', '(not saved)')}"]
+            lines.append(f"{row.seed:>6}  " + "  ".join(cells))
+    if out.failures:
+        lines += ["", f"{len(out.failures)} seed(s) failed: {', '.join(out.failures)}"]
+    lines += ["", f"results: {out.results_uri or '(not saved)'}"]
     return "\n".join(lines)

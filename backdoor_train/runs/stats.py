@@ -8,9 +8,12 @@ known to be normal, but t is what a reader expects and it is honest about small 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+from backdoor_train.results import Description, EpochDescription, EpochRecord
 
 CONFIDENCE = 0.95
 
@@ -22,7 +25,7 @@ def t_critical(df: int, confidence: float = CONFIDENCE) -> float:
     return float(t.ppf(0.5 + confidence / 2, df))
 
 
-def describe(values: Sequence[float]) -> dict[str, Any]:
+def describe(values: Sequence[float]) -> Description:
     """n, mean, sample standard deviation (n - 1), the 95% t interval of the mean, min and max.
 
     One value has no spread: its std and interval are None (JSON null), not 0. NaN (an ASR
@@ -32,17 +35,17 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
         raise ValueError("describe needs at least one value")
     xs = [float(v) for v in values if v == v]
     if not xs:
-        return {"n": 0, "mean": None, "std": None, "ci95": None, "min": None, "max": None}
+        return Description(n=0, mean=None, std=None, ci95=None, min=None, max=None)
     n, mean = len(xs), statistics.fmean(xs)
     std: Optional[float] = statistics.stdev(xs) if n > 1 else None
-    ci: Optional[list[float]] = None
+    ci: Optional[tuple[float, float]] = None
     if std is not None:
         half = t_critical(n - 1) * std / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    return {"n": n, "mean": mean, "std": std, "ci95": ci, "min": min(xs), "max": max(xs)}
+        ci = (mean - half, mean + half)
+    return Description(n=n, mean=mean, std=std, ci95=ci, min=min(xs), max=max(xs))
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Description:
     """``describe`` of ``b - a`` seed by seed: the paired comparison (same seed, same test set)
     removes the seed-to-seed spread both variants share."""
     if len(a) != len(b):
@@ -50,46 +53,52 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return describe([y - x for x, y in zip(a, b)])
 
 
-def first_epoch_at(history: list[dict[str, Any]], key: str, threshold: float) -> Optional[int]:
-    """The first epoch whose ``key`` reaches ``threshold`` (None: never)."""
+def first_epoch_at(history: Sequence[EpochRecord], key: str, threshold: float) -> Optional[int]:
+    """The first epoch whose figure ``key`` reaches ``threshold`` (None: never)."""
     for h in history:
-        value = h.get(key)
+        value = getattr(h, key)
         if value is not None and value == value and value >= threshold:
-            return int(h["epoch"])
+            return h.epoch
     return None
 
 
-def by_epoch(histories: list[list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
-    """``describe`` of ``key`` at every epoch that all histories reached, with its ``epoch``."""
+def by_epoch(histories: Sequence[Sequence[EpochRecord]], key: str) -> tuple[EpochDescription, ...]:
+    """``describe`` of figure ``key`` at every epoch that all histories reached, with its ``epoch``."""
     epochs = min((len(h) for h in histories), default=0)
-    return [{"epoch": histories[0][i]["epoch"], **describe([h[i][key] for h in histories])}
-            for i in range(epochs)]
+    return tuple(EpochDescription(epoch=histories[0][i].epoch,
+                                  **dataclasses.asdict(describe([getattr(h[i], key) for h in histories])))
+                 for i in range(epochs))
 
 
-def _fmt(s: dict[str, Any], value: str, spread: str, unit: str = "") -> str:
+def _fmt(s: Description, value: str, spread: str, unit: str = "") -> str:
     """mean ± std [95% interval] of ``describe``'s figures; ``value`` formats the mean and the
-    interval's ends, ``spread`` the std (format specs), ``unit`` follows the mean."""
-    if s["mean"] is None:
+    interval's ends, ``spread`` the std (format specs), ``unit`` follows the mean. A summary of
+    an early sweep has a std but no interval."""
+    if s.mean is None:
         return "n/a"
-    out = f"{s['mean']:{value}}{unit}"
-    if s["std"] is not None:
-        lo, hi = s["ci95"]
-        out += f" ± {s['std']:{spread}} [{lo:{value}}, {hi:{value}}]"
+    out = f"{s.mean:{value}}{unit}"
+    if s.std is not None:
+        out += f" ± {s.std:{spread}}"
+    if s.ci95 is not None:
+        lo, hi = s.ci95
+        out += f" [{lo:{value}}, {hi:{value}}]"
     return out
 
 
-def fmt_pct(s: dict[str, Any], digits: int = 2) -> str:
+def fmt_pct(s: Description, digits: int = 2) -> str:
     """``92.23% ± 4.45% [89.9%, 94.6%]``: mean ± std [95% interval], in percent."""
     return _fmt(s, f".{digits}%", f".{digits}%")
 
 
-def fmt_range(s: dict[str, Any]) -> str:
+def fmt_range(s: Description) -> str:
     """``81.2%–97.9%``: min–max in percent."""
-    return "n/a" if s["min"] is None else f"{s['min']:.1%}–{s['max']:.1%}"
+    return "n/a" if s.min is None or s.max is None else f"{s.min:.1%}–{s.max:.1%}"
 
 
-def fmt_pp(s: dict[str, Any]) -> str:
+def fmt_pp(s: Description) -> str:
     """A difference of fractions in percentage points: ``-0.04 pp ± 0.09 [-0.09, +0.01]``."""
-    points = {k: s[k] if s[k] is None else s[k] * 100 for k in ("mean", "std")}
-    points["ci95"] = None if s["ci95"] is None else [x * 100 for x in s["ci95"]]
-    return _fmt(points, "+.2f", ".2f", " pp")
+    def pp(x: Optional[float]) -> Optional[float]:
+        return None if x is None else x * 100
+
+    lo_hi = None if s.ci95 is None else (s.ci95[0] * 100, s.ci95[1] * 100)
+    return _fmt(dataclasses.replace(s, mean=pp(s.mean), std=pp(s.std), ci95=lo_hi), "+.2f", ".2f", " pp")

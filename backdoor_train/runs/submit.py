@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import yaml
 
 from backdoor_train.config import load_config, parse_seeds
-from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.runs.locked import absolute_paths
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 120

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backdoor_train.config import ConfigError, ExperimentConfig, apply_override, check_name, load_config, read_yaml
-from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.results import ExperimentResults, SweepGroup, SweepSummary, TrialRow
+from backdoor_train.runs.locked import absolute_paths
 from backdoor_train.runs.seeds import format_statistics, seed_row, seed_statistics
 from backdoor_train.storage.runstore import SweepStore, child_path
 from backdoor_train.storage import Storage, open_storage
@@ -112,22 +113,20 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepConfig:
     return SweepConfig(name=name, base=base, grid=grid, max_concurrent=max_concurrent, trials=trials)
 
 
-def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_sweep(sweep: SweepConfig, log: Callable[[str], None] = print) -> SweepSummary:
     """Run every trial not finished before (as Ray tasks launching TorchTrainers) and write the summary."""
     storage = sweep.storage()
     storage.check()
     log(f"sweep {sweep.name}: {len(sweep.trials)} trials")
     results, failures = run_trials(sweep.trials, sweep.max_concurrent, log)
-    summary = summarize(sweep, results)
-    summary["failures"] = failures
-    summary["summary_uri"] = SweepStore(storage).write_summary(summary)
-    return summary
+    summary = dataclasses.replace(summarize(sweep, results), failures=failures)
+    return dataclasses.replace(summary, summary_uri=SweepStore(storage).write_summary(summary))
 
 
-def summarize(sweep: SweepConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(sweep: SweepConfig, results: dict[str, ExperimentResults]) -> SweepSummary:
     """Group trials that differ only in seed; mean and spread of each variant's figures."""
     keys = [k for k in sweep.grid if k != "seed"]
-    groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, tuple[dict[str, Any], list[TrialRow]]] = {}
     trials = []
     for cfg in sweep.trials:
         if cfg.name not in results:
@@ -139,23 +138,23 @@ def summarize(sweep: SweepConfig, results: dict[str, dict[str, Any]]) -> dict[st
             for part in key.split("."):
                 node = node[part]
             point[key] = node
-        gid = json.dumps(point, sort_keys=True)
-        group = groups.setdefault(gid, {"point": point, "trials": []})
-        group["trials"].append(cfg.name)
-        trials.append({"name": cfg.name, "point": point, **seed_row(cfg.seed, results[cfg.name])})
-    for group in groups.values():
-        members = [t for t in trials if t["name"] in group["trials"]]
-        group["n_poisoned"] = members[0]["n_poisoned"]
-        group.update(seed_statistics([t["variants"] for t in members]))
-    return {"sweep": sweep.name, "grid": sweep.grid, "groups": list(groups.values()), "trials": trials}
+        trial = TrialRow.of(seed_row(cfg.seed, results[cfg.name]), name=cfg.name, point=point)
+        groups.setdefault(json.dumps(point, sort_keys=True), (point, []))[1].append(trial)
+        trials.append(trial)
+    out = []
+    for point, members in groups.values():
+        stats = seed_statistics([t.variants for t in members])
+        out.append(SweepGroup(point=point, trials=tuple(t.name for t in members), n_poisoned=members[0].n_poisoned,
+                              variants=stats.variants, clean_accuracy_difference=stats.clean_accuracy_difference))
+    return SweepSummary(sweep=sweep.name, grid=sweep.grid, groups=tuple(out), trials=tuple(trials))
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"sweep {summary['sweep']}: mean ± std [95% t interval] over seeds"]
-    for g in summary["groups"]:
-        point = ", ".join(f"{k}={_short(v)}" for k, v in g["point"].items()) or "all trials"
-        lines += ["", f"{point} ({g['n_poisoned']} poisoned images)"]
-        lines += format_statistics(g, indent="  ")
-    if summary.get("failures"):
-        lines += ["", f"{len(summary['failures'])} trial(s) failed: {', '.join(summary['failures'])}"]
+def format_summary(summary: SweepSummary) -> str:
+    lines = [f"sweep {summary.sweep}: mean ± std [95% t interval] over seeds"]
+    for g in summary.groups:
+        point = ", ".join(f"{k}={_short(v)}" for k, v in g.point.items()) or "all trials"
+        lines += ["", f"{point} ({g.n_poisoned} poisoned images)"]
+        lines += format_statistics(g.statistics, indent="  ")
+    if summary.failures:
+        lines += ["", f"{len(summary.failures)} trial(s) failed: {', '.join(summary.failures)}"]
     return "\n".join(lines)

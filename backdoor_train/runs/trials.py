@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
+from backdoor_train.results import ExperimentResults
 from backdoor_train.runs.experiment import finished_run, refuse_other_setting
 from backdoor_train.training.fitting import check_cluster
 from backdoor_train.storage import open_storage
@@ -35,7 +36,7 @@ def trials_at_once(trials: list[ExperimentConfig], max_concurrent: int,
     return at_once
 
 
-def _run_trial(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def _run_trial(cfg_dict: dict[str, Any]) -> ExperimentResults:
     from backdoor_train.runs.experiment import run_experiment
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
@@ -43,11 +44,11 @@ def _run_trial(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trials(trials: list[ExperimentConfig], max_concurrent: int, log: Callable[[str], None] = print,
-               what: str = "trial") -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+               what: str = "trial") -> tuple[dict[str, ExperimentResults], dict[str, str]]:
     """Run every trial not finished before; return ({name: results}, {name: failure})."""
     import ray
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, ExperimentResults] = {}
     pending = []
     for cfg in trials:
         earlier = finished_run(cfg, open_storage(cfg.storage))

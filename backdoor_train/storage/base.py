@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+if TYPE_CHECKING:
+    from backdoor_train.storage.runlock import RunLock
 
 
 class StorageError(RuntimeError):
@@ -23,9 +25,15 @@ class StorageError(RuntimeError):
 
 
 class Storage:
-    """A root URI plus atomic reads and writes of keys below it."""
+    """A root URI plus atomic reads and writes of keys below it, and a run lock per name.
+
+    The run lock (storage/runlock.py, which has the locking itself) is each backend's own kind:
+    ``acquire_lock`` and ``lock_holder`` pick it, ``stale_locks`` says how a dead holder's lock ends."""
 
     uri: str
+    # False: a lock ends with its holder's process (the kernel's); True: the lock of a run that
+    # died stays until it is stale (runlock.STALE_AFTER_S), when another run may take it over.
+    stale_locks: bool = False
 
     def key_uri(self, key: str) -> str:
         return self.uri.rstrip("/") + "/" + key.lstrip("/")
@@ -52,6 +60,21 @@ class Storage:
 
     def ray_storage(self) -> tuple[str, Optional[Any]]:
         """(storage_path, storage_filesystem) for ray.train.RunConfig."""
+        raise NotImplementedError
+
+    def with_retry(self, seconds: float) -> "Storage":
+        """The same storage, riding out outages for ``seconds``; one that retries nothing: itself."""
+        return self
+
+    def acquire_lock(self, key: str, info: dict[str, Any],
+                     on_lost: Optional[Callable[[], None]] = None) -> "tuple[Optional[RunLock], Optional[dict[str, Any]]]":
+        """Take the run lock at ``key``, recording ``info`` as its holder: (lock, None); (None, the
+        holder's record) when a live run holds it. ``on_lost``: called, from another thread, if
+        another run takes a held lock over (a lock that can go stale)."""
+        raise NotImplementedError
+
+    def lock_holder(self, key: str) -> Optional[dict[str, Any]]:
+        """The record of the live run holding the lock at ``key``, without taking it; None: nobody."""
         raise NotImplementedError
 
     def write_text(self, key: str, text: str) -> None:

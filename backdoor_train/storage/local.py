@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from backdoor_train.storage.base import Storage, StorageError, atomic_write_local
+
+if TYPE_CHECKING:
+    from backdoor_train.storage.runlock import RunLock
 
 
 class LocalStorage(Storage):
@@ -18,8 +21,21 @@ class LocalStorage(Storage):
         return os.path.join(self.root, *key.strip("/").split("/"))
 
     def path_of(self, key: str) -> str:
-        """The local file of ``key`` (the run lock locks it with fcntl)."""
+        """The local file of ``key``."""
         return self._path(key)
+
+    def acquire_lock(self, key: str, info: dict[str, Any],
+                     on_lost: Optional[Callable[[], None]] = None) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
+        """An ``fcntl`` lock on the file of ``key``: the kernel releases it when its holder dies, so
+        it is never lost while held (``on_lost`` is never called)."""
+        from backdoor_train.storage.runlock import acquire_local
+
+        return acquire_local(self._path(key), info)
+
+    def lock_holder(self, key: str) -> Optional[dict[str, Any]]:
+        from backdoor_train.storage.runlock import local_holder
+
+        return local_holder(self._path(key))
 
     def check(self) -> None:
         try:

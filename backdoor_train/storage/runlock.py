@@ -3,7 +3,8 @@
 Two runs of the same name would write the same checkpoints, manifest and results. The driver
 takes ``<name>/run.lock`` before it checks or writes anything of the run and gives it back at
 the end; a second run is refused (exit 2) naming the one that holds it. The lock records who
-holds it (run id, host, pid, start) so the refusal can say so.
+holds it (run id, host, pid, start) so the refusal can say so. Each storage backend picks its
+kind of lock (``Storage.acquire_lock`` and ``lock_holder``, in local.py and s3.py):
 
 * Local storage: an ``fcntl`` lock on the file. The kernel releases it when the holding process
   dies, however it dies, so a killed run never blocks the next one.
@@ -26,9 +27,13 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+from backdoor_train.storage.base import Storage, StorageError
 from backdoor_train.storage.runstore import RunStore
+
+if TYPE_CHECKING:
+    from backdoor_train.storage.s3 import S3Storage
 
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
@@ -109,7 +114,7 @@ class S3RunLock(RunLock):
     """Rewrites its object every ``HEARTBEAT_S`` until released, each time only if it is still
     the object this lock wrote last (its ETag); ``on_lost`` is called once when it is not."""
 
-    def __init__(self, storage: Any, key: str, info: dict[str, Any], etag: str,
+    def __init__(self, storage: S3Storage, key: str, info: dict[str, Any], etag: str,
                  on_lost: Optional[Callable[[], None]] = None) -> None:
         self.key, self.info, self.etag, self.on_lost = key, dict(info), etag, on_lost
         # A beat gives up retrying before release() stops waiting for it, or it could write the
@@ -175,7 +180,7 @@ class S3RunLock(RunLock):
             pass
 
 
-def s3_holder(storage: Any, key: str) -> Optional[dict[str, Any]]:
+def s3_holder(storage: S3Storage, key: str) -> Optional[dict[str, Any]]:
     """The live holder of the S3 lock (None: absent, stale or unreadable)."""
     if not storage.exists(key):
         return None
@@ -193,7 +198,7 @@ def _stale(holder: dict[str, Any]) -> bool:
         return True
 
 
-def acquire_s3(storage: Any, key: str, info: dict[str, Any],
+def acquire_s3(storage: S3Storage, key: str, info: dict[str, Any],
                on_lost: Optional[Callable[[], None]] = None) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
     body = json.dumps(info).encode()
     etag = storage.create_if_absent(key, body)
@@ -218,32 +223,23 @@ def acquire_s3(storage: Any, key: str, info: dict[str, Any],
     return None, s3_holder(storage, key) or {}
 
 
-def run_lock_holder(storage: Any, name: str) -> Optional[dict[str, Any]]:
+def run_lock_holder(storage: Storage, name: str) -> Optional[dict[str, Any]]:
     """Who is running experiment ``name`` in ``storage`` right now (None: nobody)."""
-    from backdoor_train.storage import LocalStorage
-
-    if isinstance(storage, LocalStorage):
-        return local_holder(storage.path_of(RunStore(storage, name).lock_key()))
-    return s3_holder(storage, RunStore(storage, name).lock_key())
+    return storage.lock_holder(RunStore(storage, name).lock_key())
 
 
-def refuse_if_running(storage: Any, name: str) -> None:
+def refuse_if_running(storage: Storage, name: str) -> None:
     holder = run_lock_holder(storage, name)
     if holder is not None:
         raise _locked(storage, name, holder)
 
 
-def acquire_run_lock(storage: Any, name: str, run_id: str,
+def acquire_run_lock(storage: Storage, name: str, run_id: str,
                      on_lost: Optional[Callable[[], None]] = None) -> RunLock:
-    """Take the lock of experiment ``name``; a ``RunLockedError`` naming the holder if taken.
-    ``on_lost``: called (from the heartbeat thread) if another run takes the S3 lock over."""
-    from backdoor_train.storage import LocalStorage
-
-    info = holder_info(run_id)
-    if isinstance(storage, LocalStorage):
-        lock, holder = acquire_local(storage.path_of(RunStore(storage, name).lock_key()), info)
-    else:
-        lock, holder = acquire_s3(storage, RunStore(storage, name).lock_key(), info, on_lost)
+    """Take the lock of experiment ``name`` (the storage's own kind of lock); a ``StorageError``
+    naming the holder if taken. ``on_lost``: called (from the heartbeat thread) if another run
+    takes the lock over (S3)."""
+    lock, holder = storage.acquire_lock(RunStore(storage, name).lock_key(), holder_info(run_id), on_lost)
     if lock is None:
         raise _locked(storage, name, holder or {})
     return lock
@@ -264,7 +260,7 @@ def _on_lost_signal(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(storage: Any, name: str, run_id: str) -> Iterator[RunLock]:
+def run_lock(storage: Storage, name: str, run_id: str) -> Iterator[RunLock]:
     """The run lock of ``name`` held for the block. If it is lost, the main thread is
     interrupted (the fits are aborted as on Ctrl-C) and the block ends in ``RunLockLost``."""
     # Only the main thread can take a signal; elsewhere the loss is raised when the block ends.
@@ -291,10 +287,7 @@ def run_lock(storage: Any, name: str, run_id: str) -> Iterator[RunLock]:
         raise RunLockLost(lock.lost)
 
 
-def _locked(storage: Any, name: str, holder: dict[str, Any]) -> Exception:
-    from backdoor_train.storage import LocalStorage, StorageError
-
-    stale = "" if isinstance(storage, LocalStorage) else \
-        f" (a run that died leaves it stale after {STALE_AFTER_S:.0f} s)"
+def _locked(storage: Storage, name: str, holder: dict[str, Any]) -> Exception:
+    stale = f" (a run that died leaves it stale after {STALE_AFTER_S:.0f} s)" if storage.stale_locks else ""
     return StorageError(f"name: experiment {name!r} at {storage.key_uri(name)} is being run right now by "
                         f"{describe_holder(holder)}{stale}: wait for it to finish, or choose another name")

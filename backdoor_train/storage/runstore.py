@@ -3,7 +3,7 @@ place a key is spelled. Layout under ``storage.path`` (a local directory or s3:/
 
     <name>/config.json                    the setting reruns are checked against
     <name>/poison_manifest.json           indices, counts, seed, sha256 of the poisoned set
-    <name>/results.json                   figures of every variant plus the config
+    <name>/results.json                   figures of every variant plus the config (results.py's records)
     <name>/detection.json                 `backdoor-train detect`'s findings
     <name>/report.html                    `backdoor-train report --store`
     <name>/run.lock                       held while a run writes (storage/runlock.py)
@@ -17,13 +17,15 @@ A sweep's folder (``<storage.path>/<sweep name>``) holds its trials as experimen
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from backdoor_train.config import ExperimentConfig
+from backdoor_train.results import ExperimentResults, MultiSeedResults, SweepSummary, results_from_stored
 from backdoor_train.attack.poison import PoisonManifest
 from backdoor_train.storage import Storage, StorageError
 
@@ -85,11 +87,19 @@ class RunStore:
     def has_results(self) -> bool:
         return self.storage.exists(self.key(RESULTS))
 
-    def read_results(self) -> dict[str, Any]:
-        return self.storage.read_json(self.key(RESULTS))
+    def read_results(self) -> Union[ExperimentResults, MultiSeedResults]:
+        """``results.json`` of either kind, whichever release wrote it, in today's schema
+        (results.py); a ``ResultsError`` naming the file and the key when it is corrupt."""
+        data, uri = self.storage.read_json(self.key(RESULTS)), self.uri(RESULTS)
+        return dataclasses.replace(results_from_stored(data, uri), results_uri=uri)
 
-    def write_results(self, results: dict[str, Any]) -> str:
-        self.storage.write_text(self.key(RESULTS), _json(results))
+    def read_experiment_results(self) -> ExperimentResults:
+        """``results.json`` of one experiment (a multi-seed experiment's is a ``ResultsError``)."""
+        data, uri = self.storage.read_json(self.key(RESULTS)), self.uri(RESULTS)
+        return dataclasses.replace(ExperimentResults.from_stored(data, uri), results_uri=uri)
+
+    def write_results(self, results: Union[ExperimentResults, MultiSeedResults]) -> str:
+        self.storage.write_text(self.key(RESULTS), _json(results.to_dict()))
         return self.uri(RESULTS)
 
     def read_detection(self) -> Optional[dict[str, Any]]:
@@ -152,11 +162,13 @@ class SweepStore:
     def trial(self, name: str) -> RunStore:
         return RunStore(self.storage, name)
 
-    def read_summary(self) -> dict[str, Any]:
-        return self.storage.read_json(SUMMARY)
+    def read_summary(self) -> SweepSummary:
+        """``summary.json``, whichever release wrote it, in today's schema (results.py)."""
+        summary = SweepSummary.from_stored(self.storage.read_json(SUMMARY), self.storage.key_uri(SUMMARY))
+        return dataclasses.replace(summary, summary_uri=self.storage.key_uri(SUMMARY))
 
-    def write_summary(self, summary: dict[str, Any]) -> str:
-        self.storage.write_text(SUMMARY, _json(summary))
+    def write_summary(self, summary: SweepSummary) -> str:
+        self.storage.write_text(SUMMARY, _json(summary.to_dict()))
         return self.storage.key_uri(SUMMARY)
 
     def write_report(self, page: str) -> str:

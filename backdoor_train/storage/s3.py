@@ -14,12 +14,16 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import urlparse
 
 from backdoor_train.config import StorageConfig
 from backdoor_train.storage.retry import botocore_connection_errors, is_transient, retry_transient
 from backdoor_train.storage.base import Storage, StorageError
+
+if TYPE_CHECKING:
+    from backdoor_train.storage.runlock import RunLock
+
 
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_REGION = "AWS_REGION"
@@ -141,6 +145,8 @@ class S3Storage(Storage):
     """Keys below s3://bucket/prefix; each write is one PUT, so readers never see half a file.
     Reads and writes ride out transient errors for ``retry_seconds`` (see storage/retry.py)."""
 
+    stale_locks = True  # a conditionally written object with a heartbeat (storage/runlock.py)
+
     def __init__(self, uri: str, settings: Optional[S3Settings] = None,
                  retry_seconds: float = StorageConfig.retry_seconds) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
@@ -155,6 +161,18 @@ class S3Storage(Storage):
         other = copy.copy(self)
         other.retry_seconds = seconds
         return other
+
+    def acquire_lock(self, key: str, info: dict[str, Any],
+                     on_lost: Optional[Callable[[], None]] = None) -> tuple[Optional[RunLock], Optional[dict[str, Any]]]:
+        """The object at ``key``, created only if absent and rewritten by a heartbeat while held."""
+        from backdoor_train.storage.runlock import acquire_s3
+
+        return acquire_s3(self, key, info, on_lost)
+
+    def lock_holder(self, key: str) -> Optional[dict[str, Any]]:
+        from backdoor_train.storage.runlock import s3_holder
+
+        return s3_holder(self, key)
 
     def _call(self, fn: Any, key: str) -> Any:
         """``fn()`` retried across transient errors; any error left one ``StorageError``."""

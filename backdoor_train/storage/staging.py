@@ -22,6 +22,7 @@ from typing import Any, Callable
 from backdoor_train.config import DataConfig, ExperimentConfig
 from backdoor_train.data.split import DataError, DatasetSpec, Split, read_raw
 from backdoor_train.data.registry import get_dataset, load_split
+from backdoor_train.storage.base import Storage
 
 ENV_CACHE_DIR = "BACKDOOR_TRAIN_CACHE_DIR"
 
@@ -77,7 +78,7 @@ def stage_data(source_root: str, dest_uri: str, log: Callable[[str], None] = pri
     return manifest
 
 
-def wait_for_staged(storage: Any, uri: str, spec: DatasetSpec, wait_seconds: float,
+def wait_for_staged(storage: Storage, uri: str, spec: DatasetSpec, wait_seconds: float,
                     log: Callable[[str], None] = print) -> dict:
     """The manifest of the copy staged at ``uri``, waiting up to ``wait_seconds`` for it to
     appear, and for the storage to answer (a MinIO pod still starting); a ``DataError`` when

@@ -23,12 +23,16 @@ import os
 import posixpath
 import random
 import re
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from backdoor_train.storage.safeload import CorruptCheckpointError, safe_torch_load
+
+if TYPE_CHECKING:
+    from backdoor_train.storage import Storage
+
 
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
@@ -149,7 +153,7 @@ def load_with_fallback(checkpoint: Any, log: Callable[[str], None]) -> tuple[dic
     return state, Checkpoint(path=f"{parent}/{key}", filesystem=checkpoint.filesystem), True
 
 
-def checkpoint_folders(storage: Any, prefix: str) -> dict[str, set[str]]:
+def checkpoint_folders(storage: Storage, prefix: str) -> dict[str, set[str]]:
     """The checkpoint folders under ``prefix`` in a ``Storage`` (their keys), each with the
     names of the files in it."""
     files: dict[str, set[str]] = {}
@@ -160,7 +164,7 @@ def checkpoint_folders(storage: Any, prefix: str) -> dict[str, set[str]]:
     return files
 
 
-def newest_valid_checkpoint(storage: Any, prefix: str, log: Callable[[str], None],
+def newest_valid_checkpoint(storage: Storage, prefix: str, log: Callable[[str], None],
                             files: Optional[dict[str, set[str]]] = None,
                             at_most: Optional[int] = None) -> Optional[tuple[str, bytes]]:
     """The one "newest valid checkpoint" routine, of the driver (planning a resume) and of the
@@ -211,9 +215,9 @@ def upload_checkpoint(local_dir: str, dir_name: str, retry_seconds: float) -> An
 
     from backdoor_train.storage.retry import is_transient, retry_transient
     from backdoor_train.storage import StorageError
+    from backdoor_train.training.rayinternals import checkpoint_destination
 
-    storage = ray.train.get_context().get_storage()
-    fs, dest = storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name)
+    fs, dest = checkpoint_destination(dir_name)
 
     def upload() -> None:
         # A folder of that name may hold a corrupt checkpoint a rerun resumed before: clear it.

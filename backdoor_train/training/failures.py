@@ -17,11 +17,15 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
+
+from backdoor_train.training import rayinternals
+
+if TYPE_CHECKING:
+    from backdoor_train.storage import Storage
+    from backdoor_train.storage.runstore import RunStore
 
 DEBUG_ENV = "BACKDOOR_TRAIN_DEBUG"
-# Ray Train's worker logs a failed training function as "Error in training function:\n<traceback>".
-_RAY_TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
 
 
 class FitFailed(RuntimeError):
@@ -46,7 +50,7 @@ def quiet_worker_tracebacks() -> None:
     """In a Train worker: Ray's own log of a failed training function is not printed (Ray would
     forward it to the driver's console); the driver keeps the traceback it is sent instead."""
     if not debug():
-        logger = logging.getLogger(_RAY_TRAIN_ERROR_LOGGER)
+        logger = logging.getLogger(rayinternals.TRAIN_ERROR_LOGGER)
         if not any(isinstance(f, _DropTrainingFunctionError) for f in logger.filters):
             logger.addFilter(_DropTrainingFunctionError())
 
@@ -76,7 +80,7 @@ def quiet_controller_tracebacks() -> None:
     # Ray's handler in a worker process writes through an inner plain handler of its own.
     for name in ("ray.train", "ray", ""):
         for outer in logging.getLogger(name).handlers:
-            for handler in (outer, getattr(outer, "plain_handler", None)):
+            for handler in rayinternals.inner_handlers(outer):
                 if isinstance(handler, logging.Handler) and not isinstance(handler, logging.FileHandler) \
                         and not isinstance(handler.formatter, _NoTraceback):
                     handler.setFormatter(_NoTraceback(handler.formatter))
@@ -91,8 +95,8 @@ def root_cause(exc: BaseException) -> BaseException:
             exc = exc.worker_failures[min(exc.worker_failures)]
         elif isinstance(exc, ControllerError):
             exc = exc.controller_failure
-        elif isinstance(getattr(exc, "_base_exc", None), BaseException):  # Train's UserExceptionWithTraceback
-            exc = exc._base_exc
+        elif rayinternals.user_exception(exc) is not None:
+            exc = rayinternals.user_exception(exc)
         else:
             return exc
 
@@ -122,14 +126,14 @@ def cause_of(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[:500]}"
 
 
-def kept_checkpoints(storage: Any, store: Any, variants: list[str]) -> str:
+def kept_checkpoints(storage: Storage, store: RunStore, variants: list[str]) -> str:
     """What a rerun resumes from: each variant's newest committed checkpoint."""
     from backdoor_train.training.checkpoint import CHECKSUM_FILE, STATE_FILE, checkpoint_epoch, checkpoint_folders
 
     kept = []
     for variant in variants:
         try:
-            quick = storage.with_retry(0) if hasattr(storage, "with_retry") else storage  # no outage riding
+            quick = storage.with_retry(0)  # no outage riding
             folders = checkpoint_folders(quick, store.variant_prefix(variant))
         except Exception:  # storage gone: say so rather than wait for it
             kept.append(f"{variant}: unknown (the storage does not answer)")
@@ -154,7 +158,7 @@ def save_traceback(text: str, variant: str) -> Optional[str]:
     return path
 
 
-def fit_failed(variant: str, exc: BaseException, storage: Any, store: Any, variants: list[str]) -> FitFailed:
+def fit_failed(variant: str, exc: BaseException, storage: Storage, store: RunStore, variants: list[str]) -> FitFailed:
     """The ``FitFailed`` of ``variant`` failing with ``exc``, all of ``variants`` stopped."""
     detail = f"{type(exc).__name__}: {exc}"
     log_path = save_traceback(detail, variant)

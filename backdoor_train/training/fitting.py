@@ -7,7 +7,8 @@ TorchTrainer with its own worker group: as many at once as the cluster's CPUs an
 driver, as Ray Tune drives a TorchTrainer from its trainable. The first failure aborts the
 others through their controllers (Train's own graceful abort), and so does Ctrl-C; the error
 raised names the variant that failed. Before a fit starts, training/resume.py decides where it resumes;
-its controller writes Ray's run snapshot durably (resume.write_snapshot).
+its controller writes Ray's run snapshot durably (resume.write_snapshot). The trainer class, which
+reaches into Ray Train's private API for that, is training/rayinternals.py's.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from backdoor_train.config import ExperimentConfig, StorageConfig
+from backdoor_train.config import ExperimentConfig
 from backdoor_train.training.failures import FitFailed, fit_failed, quiet_controller_tracebacks
+from backdoor_train.training.rayinternals import abortable_trainer_class
 from backdoor_train.training.raysession import apply_train_env, fits_at_once
 from backdoor_train.training.resume import prepare_resume, write_snapshot
 from backdoor_train.storage.runstore import RunStore
@@ -36,71 +38,6 @@ class FitSpec:
     train_sha256: str
     n_poisoned: int
     exclude: tuple[int, ...] = ()
-
-
-def _abortable_trainer_class() -> type:
-    """TorchTrainer that keeps a handle on its controller actor, so another thread can abort it,
-    whose controller writes the run snapshot durably, and that starts no Ray Data actors when
-    it is given no Ray Datasets.
-
-    ``_initialize_and_run_controller`` is Ray 2.58's (pinned in constraints.txt) with the handle
-    kept and the controller class replaced; it registers no SIGINT handler (not allowed off the
-    main thread, and the driver aborts every fit on Ctrl-C itself)."""
-    import ray
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-                                                   RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                                                   get_env_vars_to_propagate)
-    from ray.train.v2._internal.execution.controller import TrainController
-
-    class DurableTrainController(TrainController):
-        def __init__(self, *args: Any, retry_seconds: float, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            quiet_controller_tracebacks()  # Ray Train's loggers exist now
-            manager = self._checkpoint_manager
-            # Ray rewrites the snapshot in place (a full disk leaves 0 bytes, which no later start
-            # can parse) and treats an error writing it as a controller failure, never retried:
-            # a storage outage of seconds would end the run.
-            manager._write_state_to_storage = lambda: write_snapshot(
-                manager._storage_context.storage_filesystem,
-                manager._storage_context.checkpoint_manager_snapshot_path, manager._save_state(), retry_seconds)
-
-    class AbortableTorchTrainer(TorchTrainer):
-        controller: Any = None
-        aborted = False
-        retry_seconds = StorageConfig.retry_seconds  # set by make_trainer
-
-        def _create_default_callbacks(self) -> list[Any]:
-            # The workers read tensors, not Ray Datasets; the datasets callback would still
-            # start a DatasetManager actor per fit: a process and ~2 s of CPU (measured on 2
-            # cores) on the path to the first epoch.
-            callbacks = super()._create_default_callbacks()
-            if not self.datasets:
-                callbacks = [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
-            return callbacks
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
-            env_vars = get_env_vars_to_propagate()
-            env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-            controller_cls = ray.remote(
-                num_cpus=0,
-                label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-                runtime_env={"env_vars": env_vars},
-            )(DurableTrainController)
-            self.controller = controller_cls.remote(retry_seconds=self.retry_seconds, **controller_init_kwargs)
-            if self.aborted:  # abort() ran between fit()'s start and the controller's creation
-                self.abort()
-            ray.get(self.controller.run.remote())
-            return ray.get(self.controller.get_result.remote())
-
-        def abort(self) -> Any:
-            """Ask the controller to abort; the reply's ref, None before the controller exists."""
-            self.aborted = True
-            return self.controller.abort.remote() if self.controller is not None else None
-
-    return AbortableTorchTrainer
 
 
 def fit_demand(cfg: ExperimentConfig) -> dict[str, float]:
@@ -133,7 +70,7 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    trainer = _abortable_trainer_class()(
+    trainer = abortable_trainer_class(write_snapshot, quiet_controller_tracebacks)(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
                            "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,

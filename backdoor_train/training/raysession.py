@@ -92,10 +92,9 @@ def _local_cluster_env(listen: str) -> dict[str, str]:
 
 def logs_dir() -> Optional[str]:
     """Ray's logs folder of this node's session (None when not connected)."""
-    import ray
+    from backdoor_train.training.rayinternals import session_logs_dir
 
-    node = ray._private.worker._global_node  # Ray's private API: the session's folders
-    return node.get_logs_dir_path() if node is not None else None
+    return session_logs_dir()
 
 
 def _job_env(api: str) -> dict[str, str]:
@@ -124,17 +123,12 @@ def prepare_local_cluster(listen: str = LOOPBACK) -> None:
 def _unsecured_warning(listen: str) -> Optional[str]:
     """Why the local cluster about to start is open to the network, if it is: ``RAY_AUTH_MODE``
     exported as something else, or ray imported before ``prepare_local_cluster`` (a notebook)."""
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationMode, get_authentication_mode
+    from backdoor_train.training.rayinternals import local_cluster_gaps
 
     if os.environ.get(AUTH_MODE_ENV, "token") != "token":
         return f"{AUTH_MODE_ENV}={os.environ[AUTH_MODE_ENV]} was exported: the local Ray cluster has no token " \
                f"authentication"
-    missing = []
-    if listen == LOOPBACK and ray_constants.ENABLE_RAY_CLUSTER:
-        missing.append("listens on every interface")
-    if get_authentication_mode() != AuthenticationMode.TOKEN:
-        missing.append("has no token authentication")
+    missing = local_cluster_gaps(loopback_only=listen == LOOPBACK)
     if not missing:
         return None
     return (f"ray was imported before backdoor_train.training.raysession.prepare_local_cluster(), so the local Ray "
@@ -145,12 +139,17 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log_t
             listen: str = LOOPBACK) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); without either, start a new local
     one listening on ``listen`` (loopback by default) with token authentication. Does nothing
-    when this process is already connected (tests, notebooks)."""
+    when this process is already connected (tests, notebooks). A ``RayVersionError`` (a
+    ``ClusterError``) first when the installed Ray is not the one training/rayinternals.py
+    was written against."""
+    from backdoor_train.training.rayinternals import check_ray_version
+
     target = target_of(address)
     if target == "local":
         prepare_local_cluster(listen)
     import ray
 
+    check_ray_version()
     if ray.is_initialized():
         return
     if target not in ("local", "auto"):

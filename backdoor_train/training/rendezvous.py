@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend  # Ray's private API: used here only
+
+from backdoor_train.training.rayinternals import torch_backend_class
 
 
 def bind_store_to_master_addr() -> None:
@@ -60,7 +61,7 @@ def bind_store_to_master_addr() -> None:
     rdzv._create_c10d_store = create_store
 
 
-class _StoreBoundTorchBackend(_TorchBackend):
+class _StoreBoundTorchBackend(torch_backend_class()):  # type: ignore[misc]
     def on_start(self, worker_group: Any, backend_config: Any) -> None:
         worker_group.execute(bind_store_to_master_addr)
         super().on_start(worker_group, backend_config)

@@ -15,6 +15,7 @@ the workers load the checkpoint by name when Ray has none to give them (Ray Trai
 replacement for ``resume_from_checkpoint``). Either way the message names the checkpoint the
 workers load, and the workers print it again when they do.
 
+The snapshot's file name and schema are Ray's private API: training/rayinternals.py reads it.
 The controller writes its snapshot durably (``write_snapshot``, installed by training/fitting.py):
 locally to a temp file renamed into place, so a full disk leaves the previous one; on object
 storage in one upload (atomic), retried across transient errors for ``storage.retry_seconds``.
@@ -22,16 +23,14 @@ storage in one upload (atomic), retried across transient errors for ``storage.re
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from backdoor_train.training.checkpoint import checkpoint_epoch, checkpoint_folders, newest_valid_checkpoint
+from backdoor_train.training.rayinternals import SNAPSHOT_FILE, read_snapshot
 from backdoor_train.storage.retry import retry_transient
 from backdoor_train.storage import Storage, atomic_write_local
-
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # ray.train.v2 constants, Ray 2.58
 
 
 @dataclass(frozen=True)
@@ -51,23 +50,20 @@ def snapshot_problem(data: bytes, newest: Optional[str], existing: set[str]) -> 
     """Why Ray could not, or should not, resume from the snapshot ``data`` when ``newest`` is the
     newest valid checkpoint and ``existing`` the checkpoint folders there; None if it can."""
     import ray
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
 
     if not data:
         return "is empty (0 bytes: an interrupted write)"
     try:
-        doc = json.loads(data.decode("utf-8"))
-        state = _CheckpointManagerState.model_validate(doc)  # the schema Ray loads it with
-    except Exception:
+        snapshot = read_snapshot(data)  # with the schema Ray loads it with
+    except ValueError:
         return "is unreadable (not a snapshot Ray can parse: an interrupted write?)"
-    if doc.get("ray_version") != ray.__version__:
-        return f"was written by Ray {doc.get('ray_version')}, which this Ray ({ray.__version__}) refuses"
-    missing = sorted(r.checkpoint_dir_name for r in state.checkpoint_results if r.checkpoint_dir_name not in existing)
+    if snapshot.ray_version != ray.__version__:
+        return f"was written by Ray {snapshot.ray_version}, which this Ray ({ray.__version__}) refuses"
+    missing = sorted(name for name in snapshot.checkpoint_dir_names if name not in existing)
     if missing:
         return f"lists checkpoints that no longer exist ({', '.join(missing)})"
-    latest = state.latest_checkpoint_result.checkpoint_dir_name if state.latest_checkpoint_result else None
-    if latest != newest:
-        return (f"names {latest or 'no checkpoint'} as the latest, but the newest valid checkpoint is "
+    if snapshot.latest != newest:
+        return (f"names {snapshot.latest or 'no checkpoint'} as the latest, but the newest valid checkpoint is "
                 f"{newest or 'none'}")
     return None
 

@@ -12,6 +12,7 @@ import math
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,6 +24,7 @@ from backdoor_train.config import ExperimentConfig
 from backdoor_train.data.split import Split, to_float
 from backdoor_train.attack.evaluate import build_eval_sets, eval_counts
 from backdoor_train.training.failures import quiet_worker_tracebacks
+from backdoor_train.training.rayinternals import checkpoint_destination, quiet_report_log
 from backdoor_train.models.registry import build_model, unwrap
 from backdoor_train.attack.poison import build_poisoned
 
@@ -81,16 +83,60 @@ def without(split: Split, exclude: tuple[int, ...] | list[int]) -> Split:
     return Split(split.images[keep], split.labels[keep])
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """What every step of one worker's loop reads: the config, the variant, its place in the
+    worker group, its device and its metrics sink."""
+
+    cfg: ExperimentConfig
+    variant: str
+    rank: int
+    world: int
+    device: torch.device
+    metrics: Any
+
+    def say(self, msg: str) -> None:
+        """``msg`` as the variant's progress line, printed by rank 0 only."""
+        if self.rank == 0:
+            print(f"[{self.cfg.name}/{self.variant}] {msg}", flush=True)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    setup_started = time.perf_counter()
+    w = start_worker(loop_config)
+    setup = {"start": time.perf_counter() - setup_started}
+    x, y, eval_sets = load_data(w, loop_config, setup)
+    t0 = time.perf_counter()
+    model, optimizer = build_model_and_optimizer(w)
+    start_epoch, history, ckpt_suffix = restore(w, model, optimizer, loop_config.get("resume_from"))
+    setup["model"] = time.perf_counter() - t0
+    w.say(f"worker set-up {time.perf_counter() - setup_started:.1f}s ("
+          + ", ".join(f"{k} {v:.2f}s" for k, v in setup.items()) + ")")
+
+    cfg = w.cfg
+    for epoch in range(start_epoch, cfg.train.epochs):
+        epoch_metrics, seen = run_epoch(w, model, optimizer, x, y, eval_sets, epoch)
+        history.append(epoch_metrics)
+        w.metrics.observe_epoch(epoch_metrics, seen)
+        w.say(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_metrics['train_loss']:.4f}  "
+              f"test acc {epoch_metrics['test_accuracy']:.2%}  ASR {epoch_metrics['attack_success_rate']:.2%}  "
+              f"{epoch_metrics['epoch_seconds']:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s")
+        done = epoch + 1
+        due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
+        _report(epoch_metrics, due and w.rank == 0, model, optimizer, done, history, w.metrics,
+                checkpoint_dir_name(done, ckpt_suffix), cfg.storage.retry_seconds)
+    w.metrics.finish()
+
+
+# --- set-up: Ray's logging, the config, the worker's place in the group, the seed, metrics ---------
+
+def start_worker(loop_config: dict[str, Any]) -> WorkerContext:
     import ray.train
     import ray.train.torch
 
-    from backdoor_train.storage.staging import load_splits
     from backdoor_train.training.metrics import make_worker_metrics
-    from backdoor_train.attack.poison import dataset_sha256
 
-    setup_started = time.perf_counter()
-    _quiet_report_log()
+    quiet_report_log()
     quiet_worker_tracebacks()  # the driver says why in one line and keeps the traceback
     cfg = ExperimentConfig.from_dict(loop_config["experiment"])
     variant: str = loop_config["variant"]
@@ -102,112 +148,117 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     metrics = make_worker_metrics(cfg, loop_config["run_id"], variant, rank, ctx.get_local_rank(),
                                   loop_config.get("fit_index", 0), loop_config.get("fits", 1))
+    return WorkerContext(cfg, variant, rank, world, device, metrics)
 
-    # --- data: the same tensors on every worker, checked against the driver's hash ----------
-    setup = {"start": time.perf_counter() - setup_started}
+
+# --- data: the same tensors on every worker, checked against the driver's hash --------------------
+
+def load_data(w: WorkerContext, loop_config: dict[str, Any],
+              setup: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(images, labels) of the variant's training set on the device, and this worker's shard of
+    the evaluation sets; each step's seconds into ``setup``."""
+    from backdoor_train.attack.poison import dataset_sha256
+    from backdoor_train.storage.staging import load_splits
+
+    cfg = w.cfg
     t0 = time.perf_counter()
     train, test = load_splits(cfg)
     setup["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train = variant_train_set(train, cfg, variant, loop_config.get("exclude", ()))
+    train = variant_train_set(train, cfg, w.variant, loop_config.get("exclude", ()))
     sha = dataset_sha256(train)
     if sha != loop_config["train_sha256"]:
-        raise RuntimeError(f"worker {rank}: the {variant} training set hashes to {sha}, the driver's "
+        raise RuntimeError(f"worker {w.rank}: the {w.variant} training set hashes to {sha}, the driver's "
                            f"to {loop_config['train_sha256']}: data differ between nodes")
     setup["poison+hash"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    x, y = to_float(train.images).to(device, memory_format=torch.channels_last), train.labels.to(device)
-    eval_sets = build_eval_sets(test, cfg.poison).shard(rank, world).to(device)
-    metrics.set_poisoned_samples(loop_config["n_poisoned"])
+    x, y = to_float(train.images).to(w.device, memory_format=torch.channels_last), train.labels.to(w.device)
+    eval_sets = build_eval_sets(test, cfg.poison).shard(w.rank, w.world).to(w.device)
+    w.metrics.set_poisoned_samples(loop_config["n_poisoned"])
     setup["to device"] = time.perf_counter() - t0
+    return x, y, eval_sets
 
-    # --- model, optimizer, and the state of an interrupted run ---------------------------
+
+# --- the model, its optimizer, and the state of an interrupted run --------------------------------
+
+def build_model_and_optimizer(w: WorkerContext) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    import ray.train.torch
+
     # channels_last: oneDNN's (and cuDNN's) faster convolution kernels; measured +15-25% on CPU.
-    t0 = time.perf_counter()
-    model = ray.train.torch.prepare_model(build_model(cfg.model.arch, cfg.dataset).to(memory_format=torch.channels_last))
-    optimizer = make_optimizer(model, cfg)
-    start_epoch, history, ckpt_suffix = 0, [], ""
+    model = ray.train.torch.prepare_model(build_model(w.cfg.model.arch, w.cfg.dataset)
+                                          .to(memory_format=torch.channels_last))
+    return model, make_optimizer(model, w.cfg)
+
+
+def restore(w: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            resume_from: Optional[str]) -> tuple[int, list[dict[str, Any]], str]:
+    """The checkpoint Ray gives this fit, else the one the driver names (``resume_from``, a
+    folder name: it set Ray's run snapshot aside, training/resume.py), loaded into the model,
+    the optimizer and the RNGs. Returns (epochs done, their history, the suffix of this fit's
+    checkpoint names); (0, [], "") with no checkpoint."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        # The driver set Ray's run snapshot aside (training/resume.py) and names the checkpoint instead.
-        storage = ctx.get_storage()
-        checkpoint = ray.train.Checkpoint(path=storage.build_checkpoint_path_from_name(loop_config["resume_from"]),
-                                          filesystem=storage.storage_filesystem)
-    if checkpoint is not None:
-        log = (lambda msg: print(f"[{cfg.name}/{variant}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
-        state, used, fell_back = load_with_fallback(checkpoint, log)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_epoch, history = state["epochs_done"], state["history"]
-        if fell_back:
-            # The corrupt checkpoint's directory name is still in Ray's list: new names must differ.
-            ckpt_suffix = "-" + uuid.uuid4().hex[:6]
-        log(f"resuming after epoch {start_epoch} from {used.path}")
-    setup["model"] = time.perf_counter() - t0
-    if rank == 0:
-        print(f"[{cfg.name}/{variant}] worker set-up {time.perf_counter() - setup_started:.1f}s ("
-              + ", ".join(f"{k} {v:.2f}s" for k, v in setup.items()) + ")", flush=True)
-
-    # --- epochs -------------------------------------------------------------------------
-    for epoch in range(start_epoch, cfg.train.epochs):
-        order = epoch_order(x.shape[0], cfg.seed, epoch).to(device)
-        t0 = time.perf_counter()
-        loss_sum, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, rank, world)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        counts = eval_counts(unwrap(model), eval_sets, cfg.poison.target)
-        eval_seconds = time.perf_counter() - t0
-        totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
-        if world > 1:
-            import torch.distributed as dist
-
-            # gloo reduces CPU tensors; NCCL needs them on the GPU.
-            packed = torch.cat([counts, totals]).to(device)
-            dist.all_reduce(packed)
-            counts, totals = packed[:4].cpu(), packed[4:].cpu()
-        epoch_metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0] / totals[1]),
-            "test_accuracy": float(counts[0] / counts[1]),
-            "attack_success_rate": float(counts[2] / counts[3]) if counts[3] else float("nan"),
-            "epoch_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "worker_samples_per_second": seen / train_seconds,
-            "samples_per_second": float(totals[1]) / train_seconds,
-            "world_size": world,
-            "ended_at": time.time(),  # wall clock: the gaps between epochs show what reporting costs
-        }
-        if not math.isfinite(epoch_metrics["train_loss"]):
-            # Every later epoch would train on NaN weights; stop with the reason (exit 1).
-            raise RuntimeError(f"{variant}: the training loss became {epoch_metrics['train_loss']} in epoch "
-                               f"{epoch + 1}: training diverged (a smaller train.lr may help)")
-        history.append(epoch_metrics)
-        metrics.observe_epoch(epoch_metrics, seen)
-        if rank == 0:
-            print(f"[{cfg.name}/{variant}] epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_metrics['train_loss']:.4f}  "
-                  f"test acc {epoch_metrics['test_accuracy']:.2%}  ASR {epoch_metrics['attack_success_rate']:.2%}  "
-                  f"{train_seconds:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s", flush=True)
-
-        done = epoch + 1
-        due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
-        _report(epoch_metrics, due and rank == 0, model, optimizer, done, history, metrics,
-                checkpoint_dir_name(done, ckpt_suffix), cfg.storage.retry_seconds)
-    metrics.finish()
+    if checkpoint is None and resume_from:
+        filesystem, path = checkpoint_destination(resume_from)
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=filesystem)
+    if checkpoint is None:
+        return 0, [], ""
+    state, used, fell_back = load_with_fallback(checkpoint, w.say)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    # The corrupt checkpoint's directory name is still in Ray's list: new names must differ.
+    suffix = "-" + uuid.uuid4().hex[:6] if fell_back else ""
+    w.say(f"resuming after epoch {state['epochs_done']} from {used.path}")
+    return state["epochs_done"], state["history"], suffix
 
 
-def _quiet_report_log() -> None:
-    # Ray 2.58 logs every report at INFO under a logger named after its file path, which
-    # LoggingConfig's level filter (it matches "ray.train.*" names) does not reach.
-    import logging
+# --- one epoch: train, evaluate, sum over the workers ---------------------------------------------
 
-    import ray.train.v2._internal.execution.context as train_context
+def run_epoch(w: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+              y: torch.Tensor, eval_sets: Any, epoch: int) -> tuple[dict[str, Any], int]:
+    """Epoch ``epoch`` (from 0) trained and evaluated: its metrics, summed over the workers, and
+    the samples this worker trained on. Raises when the training loss is no longer finite."""
+    cfg = w.cfg
+    order = epoch_order(x.shape[0], cfg.seed, epoch).to(w.device)
+    t0 = time.perf_counter()
+    loss_sum, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, w.rank, w.world)
+    if w.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - t0
 
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    counts = eval_counts(unwrap(model), eval_sets, cfg.poison.target)
+    eval_seconds = time.perf_counter() - t0
+    totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
+    if w.world > 1:
+        import torch.distributed as dist
 
+        # gloo reduces CPU tensors; NCCL needs them on the GPU.
+        packed = torch.cat([counts, totals]).to(w.device)
+        dist.all_reduce(packed)
+        counts, totals = packed[:4].cpu(), packed[4:].cpu()
+    epoch_metrics = {
+        "epoch": epoch + 1,
+        "train_loss": float(totals[0] / totals[1]),
+        "test_accuracy": float(counts[0] / counts[1]),
+        "attack_success_rate": float(counts[2] / counts[3]) if counts[3] else float("nan"),
+        "epoch_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "worker_samples_per_second": seen / train_seconds,
+        "samples_per_second": float(totals[1]) / train_seconds,
+        "world_size": w.world,
+        "ended_at": time.time(),  # wall clock: the gaps between epochs show what reporting costs
+    }
+    if not math.isfinite(epoch_metrics["train_loss"]):
+        # Every later epoch would train on NaN weights; stop with the reason (exit 1).
+        raise RuntimeError(f"{w.variant}: the training loss became {epoch_metrics['train_loss']} in epoch "
+                           f"{epoch + 1}: training diverged (a smaller train.lr may help)")
+    return epoch_metrics, seen
+
+
+# --- reporting: every worker's metrics each epoch, rank 0's checkpoint when one is due -------------
 
 def _report(epoch_metrics: dict[str, Any], save: bool, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, done: int, history: list[dict[str, Any]],

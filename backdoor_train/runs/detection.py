@@ -1,10 +1,14 @@
 """Running the defenses on a finished experiment, and optionally retraining without the flagged samples.
 
 Reads the poisoned model and the poison manifest from the experiment's run store, runs every
-defense (defenses/registry.py) as a Ray task, all at once, and writes ``detection.json`` there. With
-``retrain``, each named method's flagged samples are removed and a ``filtered-<method>`` model
-is trained with the same config on Ray (all at once); their clean accuracy and ASR are added
-to the file under ``retrain.<method>``.
+registered defense (defenses/registry.py) as a Ray task (``run_defense``; on a GPU with
+``scaling.use_gpu``), all at once, prints each one's log lines and writes ``detection.json``
+there, each result under its defense's key. With ``retrain``, each named method's flagged
+samples are removed and a ``filtered-<method>`` model is trained with the same config on Ray
+(all at once); their clean accuracy and ASR are added to the file under ``retrain.<method>``.
+
+A driver like the experiment's, not a defense: it needs the run store, the data and Ray Train,
+which the defenses below the config never import.
 """
 
 from __future__ import annotations
@@ -13,28 +17,26 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+import torch
+
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.storage.staging import load_splits
-from backdoor_train.defenses.registry import DEFENSES, remote_options, run_defense, split_test
+from backdoor_train.defenses.base import Defense, DefenseContext, split_test
+from backdoor_train.defenses.registry import defenses, retrain_methods
 from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
-from backdoor_train.runs.experiment import absolute_paths
+from backdoor_train.runs.locked import locked_run
 from backdoor_train.training.fitting import FitSpec, fit_variants
 from backdoor_train.attack.poison import build_poisoned, dataset_sha256
-from backdoor_train.storage.runlock import run_lock
 from backdoor_train.storage.runstore import MANIFEST, RunStore
-from backdoor_train.storage import StorageError, open_storage
+from backdoor_train.storage import StorageError
 from backdoor_train.training.worker import restore_model, without
-
-METHODS = ("activation_clustering", "spectral_signatures")
 
 
 def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    cfg = absolute_paths(cfg)
-    storage = open_storage(cfg.storage)
-    storage.check()
-    with run_lock(storage, cfg.name, uuid.uuid4().hex[:12]):  # it writes into the run's folder
-        return _detect_locked(cfg, storage, retrain, log)
+    # It writes into the run's folder; its defenses are Ray tasks, and its retrains check the cluster.
+    with locked_run(cfg, cluster_check=False) as run:
+        return _detect_locked(run.cfg, run.storage, retrain, log)
 
 
 def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
@@ -54,25 +56,19 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
         raise StorageError(f"{store.uri(MANIFEST)} describes another training set "
                            f"than this config and data produce (sha256 differs)")
     split_test(test, cfg.defense.clean_samples)  # enough test images, before any task starts
+    owners = retrain_methods()
+    unknown = [m for m in retrain if m not in owners]
+    if unknown:  # the CLI offers only these; a caller's typo
+        raise ValueError(f"no defense flags training samples as {unknown[0]!r} (methods: {sorted(owners)})")
     t0 = time.perf_counter()
-    done = _run_defenses(cfg, model, manifest.indices)
-    found = done["activations"]
+    ran = defenses()
+    done = _run_defenses(cfg, model, manifest.indices, ran)
     log(f"the defenses took {time.perf_counter() - t0:.1f}s (Ray tasks, at once)")
-    for method, r in found.items():
-        log(f"{method}: flagged {r['flagged']}, precision {r['precision']:.2%}, recall {r['recall']:.2%}, "
-            f"FPR {r['fpr']:.3%} (chance precision {r['chance_precision']:.2%})")
-    cleanse, strip = done["neural_cleanse"], done["strip"]
-    log(f"neural cleanse: anomaly index {max(cleanse['anomaly_index']):.2f} for class {cleanse['suspect']}, "
-        f"flagged classes {cleanse['flagged_classes'] or 'none'}")
-    unlearning = cleanse["unlearning"]
-    if "after" in unlearning:
-        log(f"unlearning class {unlearning['unlearned_class']}'s trigger: ASR "
-            f"{unlearning['before']['attack_success_rate']:.2%} -> {unlearning['after']['attack_success_rate']:.2%}, "
-            f"clean accuracy {unlearning['before']['clean_accuracy']:.2%} -> "
-            f"{unlearning['after']['clean_accuracy']:.2%}")
-    log(f"STRIP at FRR {strip['target_frr']:.0%}: FRR {strip['frr']:.2%}, FAR {strip['far']:.2%}")
-    report: dict[str, Any] = {"experiment": cfg.name, "n_poisoned": manifest.n_poisoned, "methods": found,
-                              "neural_cleanse": cleanse, "strip": strip,
+    for defense in ran:
+        for line in defense.log_lines(done[defense.name]):
+            log(line)
+    report: dict[str, Any] = {"experiment": cfg.name, "n_poisoned": manifest.n_poisoned,
+                              **{d.detection_key: done[d.name] for d in ran},
                               "defender_clean_samples": cfg.defense.clean_samples}
 
     if retrain:
@@ -80,7 +76,7 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
         eval_sets = build_eval_sets(test, cfg.poison)
         specs, by_variant = [], {}
         for method in retrain:
-            exclude = tuple(found[method]["indices"])
+            exclude = tuple(owners[method].flagged(done[owners[method].name], method))
             variant = f"filtered-{method.replace('_', '-')}"
             filtered = without(poisoned, exclude)  # what the worker loop rebuilds for this variant
             log(f"retraining without the {len(exclude)} samples {method} flagged ({len(filtered)} remain)")
@@ -105,13 +101,14 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
     return report
 
 
-def _run_defenses(cfg: ExperimentConfig, model: Any, poisoned_indices: list[int]) -> dict[str, Any]:
-    """Every defense of defenses/registry.py as a Ray task on the connected cluster, all at once."""
+def _run_defenses(cfg: ExperimentConfig, model: Any, poisoned_indices: list[int],
+                  ran: Sequence[Defense]) -> dict[str, Any]:
+    """Each defense of ``ran`` as a Ray task on the connected cluster, all at once: its result by its name."""
     import ray
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     task = ray.remote(run_defense).options(**remote_options(cfg))
-    refs = {kind: task.remote(kind, cfg.to_dict(), state, poisoned_indices) for kind in DEFENSES}
+    refs = {d.name: task.remote(d, cfg.to_dict(), state, poisoned_indices) for d in ran}
     try:
         return dict(zip(refs, ray.get(list(refs.values()))))
     except BaseException:
@@ -119,3 +116,34 @@ def _run_defenses(cfg: ExperimentConfig, model: Any, poisoned_indices: list[int]
             ray.cancel(ref, force=True)
         raise
 
+
+def run_defense(defense: Defense, cfg_dict: dict[str, Any], state: dict[str, torch.Tensor],
+                poisoned_indices: list[int]) -> dict[str, Any]:
+    """The Ray task of any defense: ``defense.run`` on the model with weights ``state``, the
+    data loaded where the task runs; a JSON-ready dict."""
+    from backdoor_train.models.registry import build_model
+
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    device = _device(cfg)
+    model = build_model(cfg.model.arch, cfg.dataset)
+    model.load_state_dict(state)
+    model.eval()
+    train, test = load_splits(cfg)
+    clean, held = split_test(test, cfg.defense.clean_samples)
+    return defense.run(DefenseContext(cfg=cfg, knobs=cfg.defense.of(defense), model=model, device=device, train=train,
+                                      clean=clean, held=held, poisoned_indices=frozenset(poisoned_indices)))
+
+
+def _device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    return torch.device("cpu")
+
+
+def remote_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The Ray resources of one defense task: one training worker's."""
+    options: dict[str, Any] = {"num_cpus": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        options["num_gpus"] = cfg.scaling.gpus_per_worker
+    return options

@@ -239,9 +239,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
             RunStore(storage, cfg.name).write_report(page)
     except StorageError as exc:
         raise StorageError(f"{exc} (has {args.config} been run?)") from None
-    except (KeyError, TypeError, IndexError) as exc:  # detection.json, still read by key (results.py checks the rest)
-        raise StorageError(f"the stored results of {args.config} are incomplete or corrupt "
-                           f"({type(exc).__name__}: {exc}); rerun it to rewrite them") from None
     out = args.out or f"{name}-report.html"
     with open(out, "w", encoding="utf-8") as fh:
         fh.write(page)

@@ -158,8 +158,11 @@ def test_a_registered_defense_is_run_logged_recorded_reported_and_retrainable(pr
     retrained = []
     monkeypatch.setattr(runner, "_run_defenses", in_process)
     monkeypatch.setattr(runner, "fit_variants", lambda cfg, specs, *args: retrained.extend(specs))
+    checked = []  # --retrain trains: the cluster is checked (Ray's, stubbed) before any defense runs
+    monkeypatch.setattr("backdoor_train.runs.locked.check_cluster", lambda cfg: checked.append(cfg.name))
     lines: list[str] = []
     report = runner.run_detection(cfg, retrain=["probe_first"], log=lines.append)
+    assert checked == ["tiny"]
 
     detection = json.loads((tmp_path / "runs" / "tiny" / "detection.json").read_text())
     assert set(detection) == {"experiment", "n_poisoned", "methods", "neural_cleanse", "strip", "probe",
@@ -176,7 +179,7 @@ def test_a_registered_defense_is_run_logged_recorded_reported_and_retrainable(pr
     assert spec.variant == "filtered-probe-first" and spec.exclude == tuple(range(30))
     assert "retraining without the 30 samples probe_first flagged (270 remain)" in lines
     # Reported: its section under its title, after the registered ones'.
-    page = _detection(detection, cfg)
+    page = _detection(detection, cfg, "detection.json")
     assert page.index("<h3>Probe detector</h3>") > page.index("<h3>STRIP</h3>") > page.index("<h3>Neural Cleanse</h3>")
     assert "<td>probe_first</td><td>30</td>" in page and "The probe flagged the first samples." in page
     # And offered on the command line.
@@ -190,6 +193,26 @@ def test_a_report_of_an_older_detection_file_shows_what_it_holds():
     methods = {m: {"flagged": 3, "true_positives": 2, "precision": 2 / 3, "recall": 1.0, "fpr": 0.01,
                    "chance_precision": 0.02, "indices": [1, 2, 3]}
                for m in ("activation_clustering", "spectral_signatures")}
-    page = _detection({"experiment": "old", "n_poisoned": 2, "methods": methods}, ExperimentConfig())
+    page = _detection({"experiment": "old", "n_poisoned": 2, "methods": methods}, ExperimentConfig(), "d.json")
     assert "<td>spectral_signatures</td><td>3</td><td>2</td><td>66.67%</td>" in page
     assert "Neural Cleanse" not in page and "data:image/png" not in page  # no per-label figures in that file
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d["methods"]["spectral_signatures"].pop("precision"),
+    lambda d: d.__setitem__("methods", [1, 2]),
+    lambda d: d.__setitem__("retrain", {"spectral_signatures": {"removed": 3}}),
+])
+def test_a_detection_file_the_report_cannot_read_is_one_error_naming_it(change):
+    """detection.json is each defense's own dict: a part missing or of another shape is a ResultsError
+    naming the file and the part (the CLI's one line, exit 2), not a KeyError."""
+    from backdoor_train.reporting.html import _detection
+    from backdoor_train.results import ResultsError
+
+    detection = {"experiment": "old", "n_poisoned": 2,
+                 "methods": {m: {"flagged": 3, "true_positives": 2, "precision": 2 / 3, "recall": 1.0, "fpr": 0.01,
+                                 "chance_precision": 0.02, "indices": [1, 2, 3]}
+                             for m in ("activation_clustering", "spectral_signatures")}}
+    change(detection)
+    with pytest.raises(ResultsError, match=r"runs/exp/detection.json is corrupt .*its (methods|retrain\.\w+) part"):
+        _detection(detection, ExperimentConfig(), "runs/exp/detection.json")

@@ -19,11 +19,11 @@ import torch
 
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.results import (EpochBands, EpochRecord, MultiSeedResults, SeedRow, SeedStatistics, SweepSummary,
-                                    TrialRow, VariantStatistics)
+                                    ResultsError, TrialRow, VariantStatistics)
 from backdoor_train.data.split import to_float
 from backdoor_train.storage.staging import load_splits
 from backdoor_train.attack.evaluate import attack_mask
-from backdoor_train.storage.runstore import RunStore, SweepStore
+from backdoor_train.storage.runstore import DETECTION, RunStore, SweepStore
 from backdoor_train.storage import Storage, StorageError, open_storage
 from backdoor_train.attack.triggers import apply_trigger
 
@@ -180,9 +180,11 @@ def _examples(cfg: ExperimentConfig, models: dict[str, torch.nn.Module], n: int 
     return _png(fig)
 
 
-def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> str:
+def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig, where: str) -> str:
     """Each registered defense's part (defenses/registry.py), in order, under its title; after a
-    detector's, its methods' retrains. A defense the file lacks (written before it existed) is left out."""
+    detector's, its methods' retrains. A defense the file lacks (written before it existed) is left out.
+    detection.json is each defense's own dict, read by its ``report_section``: a part it cannot read
+    is a ``ResultsError`` naming the file (``where``) and the part."""
     from backdoor_train.defenses.registry import defenses
 
     if not detection:
@@ -191,14 +193,20 @@ def _detection(detection: Optional[dict[str, Any]], cfg: ExperimentConfig) -> st
     for defense in defenses():
         if defense.detection_key not in detection:
             continue
-        out += f"<h3>{html.escape(defense.title)}</h3>"
-        out += _blocks(defense.report_section(detection[defense.detection_key], cfg, detection))
-        for method in defense.retrain_methods:
-            r = detection.get("retrain", {}).get(method)
-            if r is not None:
-                out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
-                        f"({r['remaining_poisoned']} poisoned left): clean accuracy {_pct(r['clean_accuracy'])}, "
-                        f"ASR {_pct(r['attack_success_rate'])}.</p>")
+        part = defense.detection_key
+        try:
+            out += f"<h3>{html.escape(defense.title)}</h3>"
+            out += _blocks(defense.report_section(detection[part], cfg, detection))
+            for method in defense.retrain_methods:
+                part = f"retrain.{method}"
+                r = detection.get("retrain", {}).get(method)
+                if r is not None:
+                    out += (f"<p>Retrained without the {r['removed']} samples {html.escape(method)} flagged "
+                            f"({r['remaining_poisoned']} poisoned left): clean accuracy "
+                            f"{_pct(r['clean_accuracy'])}, ASR {_pct(r['attack_success_rate'])}.</p>")
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+            raise ResultsError(f"{where} is corrupt or not written by this project (its {part} part: "
+                               f"{type(exc).__name__}: {str(exc)[:120]}); rerun detect to rewrite it") from None
     return out
 
 
@@ -245,7 +253,7 @@ def experiment_report(cfg: ExperimentConfig, storage: Storage) -> str:
                                               for v, r in variants.items()}),
         "ASR vs poison rate": "<p>A single experiment has one poison rate; see a sweep's report.</p>",
         "Example images": _examples(cfg, models),
-        "Detection": _detection(detection, cfg),
+        "Detection": _detection(detection, cfg, store.uri(DETECTION)),
     }
     return _page(f"backdoor_train report: {cfg.name}", parts)
 
@@ -341,6 +349,6 @@ def sweep_report(sweep: Any, store: SweepStore, summary: SweepSummary) -> str:
         "Clean accuracy vs ASR": _acc_vs_asr(mean_by_variant),
         "ASR vs poison rate": rate_part,
         "Example images": f"<p>From trial {html.escape(example_trial)}.</p>" + _examples(cfg, models),
-        "Detection": f"<p>Trial {html.escape(example_trial)}.</p>" + _detection(detection, cfg),
+        "Detection": f"<p>Trial {html.escape(example_trial)}.</p>" + _detection(detection, cfg, example.uri(DETECTION)),
     }
     return _page(f"backdoor_train sweep report: {summary.sweep}", parts)

@@ -14,7 +14,6 @@ which the defenses below the config never import.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,18 +27,19 @@ from backdoor_train.runs.locked import locked_run
 from backdoor_train.training.fitting import FitSpec, fit_variants
 from backdoor_train.attack.poison import build_poisoned, dataset_sha256
 from backdoor_train.storage.runstore import MANIFEST, RunStore
-from backdoor_train.storage import StorageError
+from backdoor_train.storage import Storage, StorageError
 from backdoor_train.training.worker import restore_model, without
 
 
 def run_detection(cfg: ExperimentConfig, retrain: Sequence[str] = (),
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    # It writes into the run's folder; its defenses are Ray tasks, and its retrains check the cluster.
-    with locked_run(cfg, cluster_check=False) as run:
-        return _detect_locked(run.cfg, run.storage, retrain, log)
+    # It writes into the run's folder. The defenses are Ray tasks that need no Train fit; retrains
+    # are fits, so a cluster that cannot hold one is refused before the defenses' minutes, not after.
+    with locked_run(cfg, cluster_check=bool(retrain)) as run:
+        return _detect_locked(run.cfg, run.storage, run.run_id, retrain, log)
 
 
-def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
+def _detect_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, retrain: Sequence[str],
                    log: Callable[[str], None]) -> dict[str, Any]:
     store = RunStore(storage, cfg.name)
     try:
@@ -96,7 +96,7 @@ def _detect_locked(cfg: ExperimentConfig, storage: Any, retrain: Sequence[str],
             log(f"{spec.variant}: clean accuracy {evaluation['clean_accuracy']:.2%}, "
                 f"ASR {evaluation['attack_success_rate']:.2%}")
 
-        fit_variants(cfg, specs, storage, uuid.uuid4().hex[:12], finished, log)
+        fit_variants(cfg, specs, storage, run_id, finished, log)
     report["detection_uri"] = store.write_detection(report)
     return report
 

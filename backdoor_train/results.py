@@ -26,6 +26,10 @@ The layouts:
        ``asr_reached_epoch``
     2. today's
 
+A key added that a reader can go without (``_known()``: written only when known, None when
+absent) is no new layout: ``ExperimentResults.environment`` (the versions and device that ran
+it) came so, and files without it read as "not recorded".
+
 A later change of a layout bumps that record's ``SCHEMA_VERSION``, writes it as the file's
 ``schema_version`` key, and teaches its ``_upgrade`` the layout before.
 """
@@ -219,6 +223,9 @@ class ExperimentResults(_Record):
     variants: dict[str, VariantResult]  # in VARIANTS order
     kept_from_earlier_runs: dict[str, str]  # variant -> the run that trained it (not this one)
     config: ExperimentConfig
+    # What ran it (runs/experiment.py's ``run_environment``): package versions, Python, the device.
+    # Absent (None) in files of earlier releases, which did not record it.
+    environment: Optional[dict[str, str]] = _known()
     results_uri: Optional[str] = _not_stored()  # where it was written or read
     schema_version: int = _not_stored(SCHEMA_VERSION)  # the layout it was read from
 

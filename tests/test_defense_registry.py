@@ -151,7 +151,7 @@ def test_a_registered_defense_is_run_logged_recorded_reported_and_retrainable(pr
     torch.manual_seed(0)
     store.write_model("poisoned", build_model(cfg.model.arch, cfg.dataset))
 
-    def in_process(cfg: ExperimentConfig, model: Any, indices: list[int], ran: Any) -> dict[str, Any]:
+    def in_process(cfg: ExperimentConfig, model: Any, indices: list[int], ran: Any, log: Any) -> dict[str, Any]:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return {d.name: runner.run_defense(d, cfg.to_dict(), state, indices) for d in ran}
 

@@ -91,11 +91,23 @@ def test_ray_job_submit_runs_an_experiment(ray_head, tmp_path, mnist_root):
 
 
 def test_backdoor_train_submit_uploads_the_resolved_config(ray_head, tmp_path, mnist_root, capsys):
+    from ray.job_submission import JobSubmissionClient
+
     path = _experiment(tmp_path, mnist_root, "via-cli", ["clean"])
+    env = tmp_path / "runtime-env.yaml"
+    env.write_text("env_vars: {BACKDOOR_TRAIN_TEST_MARK: submitted}\n")
     # A multi-seed experiment of one seed: --seeds travels in the uploaded file (seed and seeds).
-    assert main(["submit", str(path), "--address", ray_head, "--set", "train.epochs=1", "--seeds", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "SUCCEEDED" in out and "[seed-2/clean] epoch 1/1" in out
+    assert main(["submit", str(path), "--address", ray_head, "--set", "train.epochs=1", "--seeds", "2",
+                 "--runtime-env", str(env), "--submission-id", "via-cli-1"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err  # the job's log is progress: on stderr when stdout holds results only
+    # The log comes through the tail websocket: each line once.
+    assert "job via-cli-1: SUCCEEDED" in out and out.count("[seed-2/clean] epoch 1/1") == 1
+    runtime_env = JobSubmissionClient(ray_head).get_job_info("via-cli-1").runtime_env
+    assert runtime_env["env_vars"] == {"BACKDOOR_TRAIN_TEST_MARK": "submitted"} and "working_dir" in runtime_env
+    assert main(["submit", "/elsewhere.yaml", "--address", ray_head, "--no-upload",
+                 "--submission-id", "via-cli-1"]) == EXIT_BAD_INPUT
+    assert "--submission-id via-cli-1: a job with that id already exists" in capsys.readouterr().err
     results = json.loads((tmp_path / "runs" / "via-cli" / "seed-2" / "results.json").read_text())
     assert [h["epoch"] for h in results["variants"]["clean"]["history"]] == [1] and results["config"]["seed"] == 2
     assert [r["seed"] for r in json.loads((tmp_path / "runs" / "via-cli" / "results.json").read_text())["per_seed"]] == [2]

@@ -1,6 +1,7 @@
 """The package's layers as a rule: no module imports from a layer above its own.
 
-Bottom to top: ``checks`` (the one configuration error), ``data``, ``models``, ``attack``, ``defenses``
+Bottom to top: ``progress`` (elapsed time, ETA and ``--quiet``, which workers, tasks and drivers share),
+``checks`` (the one configuration error), ``data``, ``models``, ``attack``, ``defenses``
 (what each defense is: its knobs, run, log lines and report content, and their registry), ``config``
 (the typed tree, which validates names and knobs against the registries below it), ``results`` (the
 typed records of results.json and summary.json, which hold a config), ``storage``, ``training``,
@@ -18,7 +19,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backdoor_train")
 
-LAYERS = ("checks", "data", "models", "attack", "defenses", "config", "results", "storage", "training", "runs",
+LAYERS = ("progress", "checks", "data", "models", "attack", "defenses", "config", "results", "storage", "training", "runs",
           "reporting", "cli", "__main__")
 # The package's own __init__ only names the product; it imports nothing and sits nowhere.
 TOP_LEVEL_INIT = "__init__"

@@ -12,7 +12,7 @@ from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.config import ConfigError
 from backdoor_train.runs.experiment import check_existing_run, finished_run, record_config
 from backdoor_train.storage.runstore import RESULTS, RunStore
-from backdoor_train.reporting.html import SECTIONS
+from backdoor_train.reporting.html import OPTIONAL_SECTIONS, SECTIONS
 from backdoor_train.runs.seeds import aggregate, seed_experiments
 from backdoor_train.storage import open_storage
 from backdoor_train.runs.sweep import load_sweep, summarize
@@ -153,7 +153,7 @@ def test_multi_seed_run_resume_sweep_and_report(tmp_path, mnist_root, capsys):
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "multi", "base": "exp.yaml",
                                                          "grid": {"seed": [1, 2]}}))
     assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a log line: stderr
     assert "2 trial(s) finished earlier with the same setting, not trained again: seed-1, seed-2" in out
     (group,) = json.loads((folder / "summary.json").read_text())["groups"]
     assert group["variants"] == results["variants"]
@@ -161,7 +161,7 @@ def test_multi_seed_run_resume_sweep_and_report(tmp_path, mnist_root, capsys):
 
     # One more seed: only it trains; the first two are reused as they were.
     assert main(["run", str(path), "--seeds", "1-3"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "not trained again: seed-1, seed-2" in out and "1 seed(s) to train" in out
     assert json.loads((folder / "seed-1" / "results.json").read_text())["run_id"] == seed1["run_id"]
     assert [r["seed"] for r in json.loads((folder / "results.json").read_text())["per_seed"]] == [1, 2, 3]
@@ -169,5 +169,6 @@ def test_multi_seed_run_resume_sweep_and_report(tmp_path, mnist_root, capsys):
     # The report: statistics, per-seed table, the per-epoch band, examples.
     assert main(["report", str(path), "--seeds", "1-3", "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
-    assert all(f"<h2>{s}</h2>" in page for s in SECTIONS) and page.count("data:image/png;base64,") == 3
+    assert [s for s in SECTIONS if f"<h2>{s}</h2>" in page] == [s for s in SECTIONS if s not in OPTIONAL_SECTIONS]
+    assert page.count("data:image/png;base64,") == 3 and "seed 1: " in page  # each seed's run id
     assert "95% t interval" in page and "ASR ≥ 50% at epoch" in page

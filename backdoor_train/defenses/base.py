@@ -37,7 +37,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ class DefenseContext:
     clean: Split  # the defender's clean images
     held: Split  # the held-out test images every figure is measured on
     poisoned_indices: frozenset[int]  # the poison manifest: for scoring, never for finding
+    say: Callable[[str], None] = print  # a progress line (the task's is silent with --quiet)
 
     @cached_property
     def poisoned_train(self) -> Split:

@@ -23,6 +23,7 @@ from backdoor_train.storage.staging import load_splits
 from backdoor_train.defenses.base import Defense, DefenseContext, split_test
 from backdoor_train.defenses.registry import defenses, retrain_methods
 from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.progress import Tally, quiet
 from backdoor_train.runs.locked import locked_run
 from backdoor_train.training.fitting import FitSpec, fit_variants
 from backdoor_train.attack.poison import build_poisoned, dataset_sha256
@@ -62,7 +63,7 @@ def _detect_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, retrain
         raise ValueError(f"no defense flags training samples as {unknown[0]!r} (methods: {sorted(owners)})")
     t0 = time.perf_counter()
     ran = defenses()
-    done = _run_defenses(cfg, model, manifest.indices, ran)
+    done = _run_defenses(cfg, model, manifest.indices, ran, log)
     log(f"the defenses took {time.perf_counter() - t0:.1f}s (Ray tasks, at once)")
     for defense in ran:
         for line in defense.log_lines(done[defense.name]):
@@ -102,19 +103,30 @@ def _detect_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, retrain
 
 
 def _run_defenses(cfg: ExperimentConfig, model: Any, poisoned_indices: list[int],
-                  ran: Sequence[Defense]) -> dict[str, Any]:
-    """Each defense of ``ran`` as a Ray task on the connected cluster, all at once: its result by its name."""
+                  ran: Sequence[Defense], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Each defense of ``ran`` as a Ray task on the connected cluster, all at once: its result
+    by its name. Says each as it finishes, and which still run (no ETA: they differ in kind)."""
     import ray
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     task = ray.remote(run_defense).options(**remote_options(cfg))
-    refs = {d.name: task.remote(d, cfg.to_dict(), state, poisoned_indices) for d in ran}
+    refs = {task.remote(d, cfg.to_dict(), state, poisoned_indices): d.name for d in ran}
+    tally = Tally("defense", len(refs), log, slots=len(refs), with_eta=False)
+    for name in refs.values():
+        tally.start(name)
+    done: dict[str, Any] = {}
     try:
-        return dict(zip(refs, ray.get(list(refs.values()))))
+        while len(done) < len(refs):
+            ready, _ = ray.wait([r for r in refs if refs[r] not in done], num_returns=1)
+            done[refs[ready[0]]] = ray.get(ready[0])  # one failing raises: the others are stopped
+            tally.finish(refs[ready[0]])
     except BaseException:
-        for ref in refs.values():  # Ctrl-C or one failing: stop the others
+        for ref in refs:  # Ctrl-C or one failing: stop the others
             ray.cancel(ref, force=True)
         raise
+    finally:
+        tally.close()
+    return {d.name: done[d.name] for d in ran}
 
 
 def run_defense(defense: Defense, cfg_dict: dict[str, Any], state: dict[str, torch.Tensor],
@@ -131,7 +143,17 @@ def run_defense(defense: Defense, cfg_dict: dict[str, Any], state: dict[str, tor
     train, test = load_splits(cfg)
     clean, held = split_test(test, cfg.defense.clean_samples)
     return defense.run(DefenseContext(cfg=cfg, knobs=cfg.defense.of(defense), model=model, device=device, train=train,
-                                      clean=clean, held=held, poisoned_indices=frozenset(poisoned_indices)))
+                                      clean=clean, held=held, poisoned_indices=frozenset(poisoned_indices),
+                                      say=_progress_line(f"[{cfg.name}] ")))
+
+
+def _progress_line(prefix: str) -> Callable[[str], None]:
+    """What a defense's task says of its progress (Neural Cleanse's classes): a line the driver
+    prints as Ray forwards it, ``prefix`` naming the run (and sparing it Ray's deduplication,
+    training/raysession.py); nothing with ``--quiet``."""
+    if quiet():
+        return lambda msg: None
+    return lambda msg: print(prefix + msg, flush=True)
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:

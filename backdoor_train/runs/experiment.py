@@ -169,8 +169,32 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
     results = ExperimentResults(
         experiment=cfg.name, run_id=run_id, started_at=started, finished_at=time.time(),
         poison_seconds=poison_seconds, n_poisoned=manifest.n_poisoned, poison_manifest=manifest_uri,
-        variants=variants, kept_from_earlier_runs=kept, config=cfg)
+        variants=variants, kept_from_earlier_runs=kept, config=cfg, environment=run_environment(cfg))
     return dataclasses.replace(results, results_uri=store.write_results(results))
+
+
+def run_environment(cfg: ExperimentConfig) -> dict[str, str]:
+    """What ran the experiment, for the report's provenance: the versions of this package, torch,
+    Ray and Python, the platform, and the device the workers trained on. A version that cannot be
+    found is left out (the report says "not recorded"), never guessed."""
+    import importlib.metadata
+    import platform
+
+    import ray
+    import torch
+
+    env = {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+           "platform": platform.platform()}
+    try:
+        env["backdoor_train"] = importlib.metadata.version("backdoor_train")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing it
+        pass
+    device = "GPU" if cfg.scaling.use_gpu else "CPU"
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        # The driver's GPU: the workers' on a one-node cluster, the usual GPU setting here.
+        device = f"GPU ({torch.cuda.get_device_name(0)}, as the driver sees it)"
+    env["device"] = f"{device}, {cfg.scaling.num_workers} Ray Train worker(s) per model"
+    return env
 
 
 def _push(log: Callable[[str], None], fn: Callable[..., None], *args: Any) -> None:

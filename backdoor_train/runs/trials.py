@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from backdoor_train.config import ExperimentConfig
+from backdoor_train.progress import Tally
 from backdoor_train.results import ExperimentResults
 from backdoor_train.runs.experiment import finished_run, refuse_other_setting
 from backdoor_train.training.fitting import check_cluster
@@ -70,19 +71,22 @@ def run_trials(trials: list[ExperimentConfig], max_concurrent: int, log: Callabl
     remote = ray.remote(num_cpus=0, max_retries=0)(_run_trial)
     running: dict[Any, ExperimentConfig] = {}
     failures: dict[str, str] = {}
+    # k/N with the elapsed time, an ETA and who runs: a bar on a terminal, else a line per trial.
+    tally = Tally(what, len(trials), log, slots=at_once, earlier=len(results))
     try:
         while pending or running:
             while pending and len(running) < at_once:
                 cfg = pending.pop(0)
                 running[remote.remote(cfg.to_dict())] = cfg
+                tally.start(cfg.name)
             done, _ = ray.wait(list(running), num_returns=1)
             cfg = running.pop(done[0])
             try:
                 results[cfg.name] = ray.get(done[0])
-                log(f"{what} {cfg.name} finished ({len(results) + len(failures)}/{len(trials)})")
+                tally.finish(cfg.name)
             except Exception as exc:
                 failures[cfg.name] = f"{type(exc).__name__}: {exc}"[:2000]
-                log(f"{what} {cfg.name} FAILED: {failures[cfg.name][:300]}")
+                tally.finish(cfg.name, error=failures[cfg.name][:300])
     except BaseException:
         # Ctrl-C: a cancelled task gets KeyboardInterrupt and aborts its trainers, whose
         # checkpoints stay for the rerun; wait a little for that to happen.
@@ -91,4 +95,6 @@ def run_trials(trials: list[ExperimentConfig], max_concurrent: int, log: Callabl
         if running:
             ray.wait(list(running), num_returns=len(running), timeout=30)
         raise
+    finally:
+        tally.close()
     return results, failures

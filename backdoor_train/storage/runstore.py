@@ -5,7 +5,7 @@ place a key is spelled. Layout under ``storage.path`` (a local directory or s3:/
     <name>/poison_manifest.json           indices, counts, seed, sha256 of the poisoned set
     <name>/results.json                   figures of every variant plus the config (results.py's records)
     <name>/detection.json                 `backdoor-train detect`'s findings
-    <name>/report.html                    `backdoor-train report --store`
+    <name>/report.html                    `backdoor-train report --save-to-run`
     <name>/run.lock                       held while a run writes (storage/runlock.py)
     <name>/<variant>/                     Ray Train's run folder: checkpoint_epoch_NNNN/, snapshot
     <name>/<variant>/model.pt             final weights (state_dict) of the variant

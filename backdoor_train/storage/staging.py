@@ -85,7 +85,8 @@ def wait_for_staged(storage: Storage, uri: str, spec: DatasetSpec, wait_seconds:
     it does not, or at once when the storage refuses us (credentials)."""
     from backdoor_train.storage import StorageError
 
-    deadline, said = time.monotonic() + wait_seconds, False
+    started, said = time.monotonic(), False
+    deadline = started + wait_seconds
     while True:
         try:
             text = storage.read_text(staged_manifest(spec))
@@ -97,7 +98,9 @@ def wait_for_staged(storage: Storage, uri: str, spec: DatasetSpec, wait_seconds:
         except StorageError as exc:
             left = deadline - time.monotonic()
             if exc.kind not in ("missing", "unreachable") or left <= 0:
-                waited = f" after waiting {wait_seconds:g}s (data.wait_seconds)" if wait_seconds else ""
+                # Say how long it did wait: a refusal ends the wait at once, whatever wait_seconds allows.
+                spent = time.monotonic() - started
+                waited = f" after waiting {spent:.1f}s (data.wait_seconds: {wait_seconds:g})" if spent >= 0.1 else ""
                 raise DataError(f"data.root: no staged {spec.title} at {uri}{waited} ({exc}); "
                                 f"run `backdoor-train stage-data` first") from None
             if not said:

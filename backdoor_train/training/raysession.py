@@ -99,11 +99,13 @@ def logs_dir() -> Optional[str]:
 
 def _job_env(api: str) -> dict[str, str]:
     """The job's runtime environment variables: every actor and worker of the job gets them."""
+    from backdoor_train.progress import QUIET_ENV
     from backdoor_train.training.failures import DEBUG_ENV
 
     env = {API_SERVER_ENV: api}
-    if os.environ.get(DEBUG_ENV):
-        env[DEBUG_ENV] = os.environ[DEBUG_ENV]
+    for name in (DEBUG_ENV, QUIET_ENV):  # --debug and --quiet reach the workers and tasks
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     return env
 
 

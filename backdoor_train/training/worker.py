@@ -27,6 +27,7 @@ from backdoor_train.training.failures import quiet_worker_tracebacks
 from backdoor_train.training.rayinternals import checkpoint_destination, quiet_report_log
 from backdoor_train.models.registry import build_model, unwrap
 from backdoor_train.attack.poison import build_poisoned
+from backdoor_train.progress import StepClock, quiet
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -95,9 +96,10 @@ class WorkerContext:
     device: torch.device
     metrics: Any
 
-    def say(self, msg: str) -> None:
-        """``msg`` as the variant's progress line, printed by rank 0 only."""
-        if self.rank == 0:
+    def say(self, msg: str, progress: bool = False) -> None:
+        """``msg`` as the variant's line, printed by rank 0 only; a ``progress`` line (set-up
+        and epochs) not with ``--quiet``."""
+        if self.rank == 0 and not (progress and quiet()):
             print(f"[{self.cfg.name}/{self.variant}] {msg}", flush=True)
 
 
@@ -111,16 +113,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch, history, ckpt_suffix = restore(w, model, optimizer, loop_config.get("resume_from"))
     setup["model"] = time.perf_counter() - t0
     w.say(f"worker set-up {time.perf_counter() - setup_started:.1f}s ("
-          + ", ".join(f"{k} {v:.2f}s" for k, v in setup.items()) + ")")
+          + ", ".join(f"{k} {v:.2f}s" for k, v in setup.items()) + ")", progress=True)
 
     cfg = w.cfg
+    # The ETA: the mean wall time of the epochs trained now (a resumed run's earlier ones left out).
+    clock = StepClock(cfg.train.epochs, start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_metrics, seen = run_epoch(w, model, optimizer, x, y, eval_sets, epoch)
         history.append(epoch_metrics)
         w.metrics.observe_epoch(epoch_metrics, seen)
+        clock.step()
         w.say(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {epoch_metrics['train_loss']:.4f}  "
               f"test acc {epoch_metrics['test_accuracy']:.2%}  ASR {epoch_metrics['attack_success_rate']:.2%}  "
-              f"{epoch_metrics['epoch_seconds']:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s")
+              f"{epoch_metrics['epoch_seconds']:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s  "
+              f"{clock.summary()}", progress=True)
         done = epoch + 1
         due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
         _report(epoch_metrics, due and w.rank == 0, model, optimizer, done, history, w.metrics,

@@ -27,6 +27,18 @@ MNIST_ROOT = os.environ.get("BACKDOOR_TRAIN_MNIST_ROOT",
                             os.path.join(REPO_ROOT, "..", "shared", "datasets", "mnist"))
 
 
+def package_files(package: str) -> dict[str, str]:
+    """Every ``.py`` file under ``package``: its path relative to ``package`` and its full path. For
+    the tests that read the package's source (test_layering.py, test_rayinternals.py)."""
+    found = {}
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                found[os.path.relpath(path, package)] = path
+    return found
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> str:
     root = os.path.abspath(MNIST_ROOT)

@@ -17,6 +17,8 @@ import os
 
 import pytest
 
+from conftest import package_files
+
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backdoor_train")
 
 LAYERS = ("progress", "checks", "data", "models", "attack", "defenses", "config", "results", "storage", "training", "runs",
@@ -26,14 +28,7 @@ TOP_LEVEL_INIT = "__init__"
 
 
 def _modules() -> dict[str, str]:
-    found = {}
-    for folder, _, files in os.walk(PACKAGE):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                rel = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
-                found[rel] = path
-    return found
+    return {rel[:-3].replace(os.sep, "."): path for rel, path in package_files(PACKAGE).items()}
 
 
 def _layer(module: str) -> str:

@@ -13,6 +13,8 @@ import sys
 import pytest
 import yaml
 
+from conftest import package_files
+
 from backdoor_train.training import rayinternals
 from backdoor_train.training.rayinternals import RAY_VERSION, UNCHECKED_RAY_ENV, RayVersionError, check_ray_version
 from backdoor_train.training.raysession import ClusterError
@@ -131,16 +133,6 @@ def test_every_private_name_it_uses_is_in_the_installed_ray():
         rayinternals.read_snapshot(b'{"hello": 1}')
 
 
-def _modules() -> dict[str, str]:
-    found = {}
-    for folder, _, files in os.walk(PACKAGE):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                found[os.path.relpath(path, PACKAGE)] = path
-    return found
-
-
 def _private_uses(path: str) -> list[str]:
     source = open(path, encoding="utf-8").read()
     found = [f"line {source.count(chr(10), 0, m.start()) + 1}: {m.group(0)}" for m in PRIVATE_PATH.finditer(source)]
@@ -156,7 +148,7 @@ def _private_uses(path: str) -> list[str]:
 
 
 def test_no_other_module_names_rays_private_api():
-    uses = [f"{module} {use}" for module, path in _modules().items() if module != OWNER
+    uses = [f"{module} {use}" for module, path in package_files(PACKAGE).items() if module != OWNER
             for use in _private_uses(path)]
     assert not uses, "Ray's private API outside training/rayinternals.py: " + "; ".join(sorted(uses))
     assert _private_uses(os.path.join(PACKAGE, OWNER)), "the scan finds nothing in the module that has it all"

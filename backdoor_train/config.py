@@ -66,6 +66,10 @@ class ModelConfig:
                f"model.arch must be one of {sorted(ARCHITECTURES)} (got {self.arch!r})")
 
 
+# fp32, or bf16 autocast with fp32 master weights (training/precision.py checks the hardware).
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -75,8 +79,12 @@ class TrainConfig:
     optimizer: str = "adam"
     checkpoint_every: int = 1
     max_failures: int = 0
+    # A rerun under another precision is another setting (not in RESUMABLE_KEYS).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check(self.precision in PRECISIONS,
+              f"train.precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         check(self.epochs > 0, f"train.epochs must be > 0 (got {self.epochs})")
         check(self.batch_size > 0, f"train.batch_size must be > 0 (got {self.batch_size})")
         check(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")

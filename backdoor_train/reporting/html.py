@@ -168,7 +168,7 @@ def _setting_rows(cfg: ExperimentConfig, grid: Optional[dict[str, Any]] = None) 
         row("poisoned source classes", ("poison.source_classes",), sources),
         row("poison selection", ("poison.selection",), p.selection),
         row("seed", ("seed", "seeds"), ", ".join(map(str, cfg.seeds)) if cfg.seeds else str(cfg.seed)),
-        row("training", ("train",), f"{t.epochs} epochs, global batch {t.batch_size}, {t.optimizer} lr {t.lr:g}"),
+        row("training", ("train",), f"{t.epochs} epochs, global batch {t.batch_size}, {t.optimizer} lr {t.lr:g}, precision {t.precision}"),
         row("variants", ("variants",), ", ".join(cfg.variants)),
         row("scaling", ("scaling",), f"{s.num_workers} Ray Train worker(s) per model, "
                                      f"{'GPU' if s.use_gpu else 'CPU'}"),

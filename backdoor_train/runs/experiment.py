@@ -142,7 +142,7 @@ def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Calla
 
     run_metrics = make_run_metrics(cfg, run_id)
     log(f"training {', '.join(cfg.variants)}: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s) "
-        f"per model, global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}")
+        f"per model, global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}, {cfg.train.precision}")
     specs = [FitSpec(v, hashes[v], manifest.n_poisoned if v == "poisoned" else 0) for v in cfg.variants]
     variants: dict[str, VariantResult] = {}
 

@@ -19,6 +19,7 @@ from backdoor_train.config import ExperimentConfig
 from backdoor_train.storage import Storage, open_storage
 from backdoor_train.storage.runlock import run_lock
 from backdoor_train.training.fitting import check_cluster
+from backdoor_train.training.precision import check_precision
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -51,12 +52,14 @@ class LockedRun:
 @contextlib.contextmanager
 def locked_run(cfg: ExperimentConfig, cluster_check: bool = True) -> Iterator[LockedRun]:
     """``cfg``'s run with its name's lock held for the block: paths made absolute, the cluster
-    checked to hold one of its fits (``cluster_check``: a ``ClusterError`` before anything is
-    written), the storage opened and checked (a ``StorageError``), the lock taken (a
-    ``StorageError`` naming the run holding it; ``RunLockLost`` if another run takes it over)."""
+    checked to hold one of its fits and, in bf16, to run it usefully (``cluster_check``: a
+    ``ClusterError`` or ``ConfigError`` before anything is written), the storage opened and
+    checked (a ``StorageError``), the lock taken (a ``StorageError`` naming the run holding it;
+    ``RunLockLost`` if another run takes it over)."""
     cfg = absolute_paths(cfg)
     if cluster_check:
         check_cluster(cfg)  # before the manifest and any training: a config the cluster cannot hold is bad input
+        check_precision(cfg)  # bf16 where the workers' chips cannot run it is bad input too
     storage = open_storage(cfg.storage)
     storage.check()
     run_id = new_run_id()

@@ -24,6 +24,7 @@ from backdoor_train.config import ExperimentConfig
 from backdoor_train.data.split import Split, to_float
 from backdoor_train.attack.evaluate import build_eval_sets, eval_counts
 from backdoor_train.training.failures import quiet_worker_tracebacks
+from backdoor_train.training.precision import autocast, check_worker_device
 from backdoor_train.training.rayinternals import checkpoint_destination, quiet_report_log
 from backdoor_train.models.registry import build_model, unwrap
 from backdoor_train.attack.poison import build_poisoned
@@ -39,16 +40,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                     y: torch.Tensor, order: torch.Tensor, batch_size: int,
-                    rank: int = 0, world: int = 1) -> tuple[float, int]:
+                    rank: int = 0, world: int = 1, precision: str = "fp32") -> tuple[float, int]:
     """One pass over ``order`` in global batches; this worker takes every ``world``-th sample of
-    each. Returns (sum of this worker's per-sample losses, samples this worker saw)."""
+    each, its forward pass and loss at ``precision`` (the weights and their updates stay fp32).
+    Returns (sum of this worker's per-sample losses, samples this worker saw)."""
     model.train()
     loss_sum, seen = 0.0, 0
     for start in range(0, order.numel(), batch_size):
         global_idx = order[start:start + batch_size]
         local_idx = global_idx[rank::world]
-        logits = model(x[local_idx])
-        per_sample = F.cross_entropy(logits, y[local_idx], reduction="sum")
+        with autocast(precision, x.device):
+            logits = model(x[local_idx])
+            per_sample = F.cross_entropy(logits, y[local_idx], reduction="sum")
         # DDP averages gradients over workers; scaling by world / global batch makes the result
         # the exact mean over the global batch even when the shards differ in size by one.
         loss = per_sample * (world / global_idx.numel())
@@ -149,6 +152,7 @@ def start_worker(loop_config: dict[str, Any]) -> WorkerContext:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    check_worker_device(cfg.train.precision, cfg.scaling.use_gpu)  # this node, whatever the driver's probe saw
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.seed)
@@ -229,13 +233,15 @@ def run_epoch(w: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.O
     cfg = w.cfg
     order = epoch_order(x.shape[0], cfg.seed, epoch).to(w.device)
     t0 = time.perf_counter()
-    loss_sum, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, w.rank, w.world)
+    loss_sum, seen = train_one_epoch(model, optimizer, x, y, order, cfg.train.batch_size, w.rank, w.world,
+                                     cfg.train.precision)
     if w.device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    counts = eval_counts(unwrap(model), eval_sets, cfg.poison.target)
+    with autocast(cfg.train.precision, w.device):  # the final figures are fp32, on the driver
+        counts = eval_counts(unwrap(model), eval_sets, cfg.poison.target)
     eval_seconds = time.perf_counter() - t0
     totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
     if w.world > 1:

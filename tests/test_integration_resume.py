@@ -17,6 +17,7 @@ import yaml
 from backdoor_train.training.checkpoint import checkpoint_epoch
 from backdoor_train.cli import EXIT_BAD_INPUT, main
 from backdoor_train.runs.experiment import run_experiment
+from backdoor_train.runs.seeds import run_seeds
 
 from conftest import OutageProxy, bucket_keys, fresh_s3_client, ray_snapshot, resumed_epochs, s3_env_vars, small_config
 
@@ -239,3 +240,44 @@ def test_a_storage_outage_is_ridden_out_and_a_longer_one_ends_the_run_resumable(
         assert [h.epoch for h in again.variants["poisoned"].history] == [1, 2, 3, 4]
     finally:
         proxy.close()
+
+
+def test_a_chain_on_s3_with_a_worker_killed_resumes_each_seed_from_its_own_checkpoints(
+        ray_cluster, s3_env, s3_server, mnist_root, capfd):
+    """A multi-seed run's chain (2 DDP workers training seed 1, then seed 2) loses a worker once
+    seed 2 has a checkpoint: Ray restarts the worker group, seed 1 is not trained again and seed 2
+    goes on from its newest checkpoint; every seed's files are in its own folder in the bucket."""
+    bucket = s3_env
+    cfg = dataclasses.replace(_cfg(mnist_root, bucket, "chained", max_failures=2), seeds=(1, 2))
+    killed = {}
+    marker = "runs/chained/seed-2/poisoned/checkpoint_epoch_0001/state.pt.sha256"
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if marker in bucket_keys(s3_server, bucket, "runs/chained/seed-2/") and (pids := _worker_pids()):
+                killed["at"] = time.time()
+                os.kill(pids[-1], signal.SIGKILL)
+                killed["pid"] = pids[-1]
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out_results = run_seeds(cfg, log=print)
+    thread.join(timeout=5)
+    out = capfd.readouterr().out
+    assert "pid" in killed, "the worker was never killed"
+    assert [row.seed for row in out_results.per_seed] == [1, 2] and not out_results.failures
+    assert "[seed-2/poisoned] resuming after epoch" in out
+    keys = bucket_keys(s3_server, bucket, "runs/chained/")
+    for seed in (1, 2):
+        for name in ("results.json", "poison_manifest.json", "config.json", "poisoned/model.pt",
+                     "poisoned/checkpoint_epoch_0003/state.pt", "poisoned/checkpoint_epoch_0003/state.pt.sha256"):
+            assert f"runs/chained/seed-{seed}/{name}" in keys, keys
+    seed1 = json.loads(fresh_s3_client(s3_server).get_object(
+        Bucket=bucket, Key="runs/chained/seed-1/results.json")["Body"].read())
+    # Seed 1 finished before the kill and was not trained again after it.
+    history = seed1["variants"]["poisoned"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["ended_at"] < killed["at"] for h in history)
+    assert history[-1]["world_size"] == 2

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from backdoor_train.config import VARIANTS, ConfigError, ExperimentConfig
 from backdoor_train.results import EpochRecord, ExperimentResults, ResultsError, VariantResult
 from backdoor_train.storage.staging import load_splits
-from backdoor_train.attack.evaluate import build_eval_sets, full_evaluation
+from backdoor_train.attack.evaluate import EvalSets, build_eval_sets, full_evaluation
 from backdoor_train.training.fitting import FitSpec, fit_variants
-from backdoor_train.training.metrics import make_run_metrics
-from backdoor_train.attack.poison import build_poisoned
+from backdoor_train.training.metrics import RunMetrics, make_run_metrics
+from backdoor_train.attack.poison import PoisonManifest, build_poisoned
 from backdoor_train.training.resume import ResumePlan, plan_resume
 from backdoor_train.runs.locked import locked_run
 from backdoor_train.storage.runstore import CONFIG, RunStore
@@ -125,52 +126,86 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] = print) ->
 
 def _run_locked(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> ExperimentResults:
     plans = check_existing_run(cfg, storage, log)  # under the run lock: still true when the fits start
+    run = prepare_run(cfg, storage, run_id, log)
+    try:
+        fit_variants(cfg, run.specs, storage, run_id, run.finished, log, plans)
+    except BaseException:
+        run.failed()
+        raise
+    return run.write_results()
+
+
+@dataclass
+class PreparedRun:
+    """One experiment between its checks and its results: poisoned, its setting and manifest
+    written, its fits' specs made; ``finished`` takes each variant's trained checkpoint (from a
+    fit of its own or a link of a chained fit), ``write_results`` writes results.json."""
+
+    cfg: ExperimentConfig
+    storage: Storage
+    run_id: str
+    log: Callable[[str], None]
+    started: float
+    poison_seconds: float
+    manifest: PoisonManifest
+    manifest_uri: str
+    eval_sets: EvalSets
+    run_metrics: RunMetrics
+    specs: list[FitSpec]
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+
+    def finished(self, spec: FitSpec, checkpoint: Any, timing: dict[str, float]) -> None:
+        """Variant ``spec.variant`` trained, ending in ``checkpoint``: its model written and evaluated."""
+        cfg = self.cfg
+        with checkpoint.as_directory() as ckpt_dir:
+            model, state = restore_model(ckpt_dir, cfg)
+        RunStore(self.storage, cfg.name).write_model(spec.variant, model)
+        evaluation = full_evaluation(model, self.eval_sets, cfg.poison.target, cfg.dataset.num_classes)
+        self.variants[spec.variant] = VariantResult(
+            **evaluation, train_sha256=spec.train_sha256, **timing, checkpoint=checkpoint.path,
+            history=tuple(EpochRecord(**epoch) for epoch in state["history"]))
+        _push(self.log, self.run_metrics.variant_finished, spec.variant, evaluation, spec.n_poisoned)
+
+    def failed(self) -> None:
+        """The variants not finished, told to the Pushgateway as failed."""
+        for spec in self.specs:
+            if spec.variant not in self.variants:
+                _push(self.log, self.run_metrics.variant_failed, spec.variant)
+
+    def write_results(self) -> ExperimentResults:
+        cfg = self.cfg
+        variants, kept = merge_variants(self.variants, earlier_results(cfg, self.storage))
+        if kept:
+            self.log(f"results keep {', '.join(kept)} from the earlier run of this setting (not trained now)")
+        results = ExperimentResults(
+            experiment=cfg.name, run_id=self.run_id, started_at=self.started, finished_at=time.time(),
+            poison_seconds=self.poison_seconds, n_poisoned=self.manifest.n_poisoned,
+            poison_manifest=self.manifest_uri, variants=variants, kept_from_earlier_runs=kept, config=cfg,
+            environment=run_environment(cfg))
+        return dataclasses.replace(results, results_uri=RunStore(self.storage, cfg.name).write_results(results))
+
+
+def prepare_run(cfg: ExperimentConfig, storage: Storage, run_id: str, log: Callable[[str], None]) -> PreparedRun:
+    """Load and poison the data, write the setting and the manifest (every check passed: from
+    here on the name holds this setting) and make the variants' fit specs."""
     started = time.time()
     t0 = time.perf_counter()
     train, test = load_splits(cfg)
     log(f"loaded {cfg.dataset.title}: {len(train)} training, {len(test)} test images ({time.perf_counter() - t0:.2f}s)")
     t0 = time.perf_counter()
-    poisoned, manifest = build_poisoned(train, cfg.poison, cfg.seed)
+    _, manifest = build_poisoned(train, cfg.poison, cfg.seed)
     poison_seconds = time.perf_counter() - t0
     log(f"poisoned {manifest.n_poisoned} of {manifest.n_total} training images "
         f"(target {cfg.poison.target}, trigger {cfg.poison.trigger.kind}, {poison_seconds * 1000:.0f} ms)")
-    store = RunStore(storage, cfg.name)
-    record_config(cfg, storage)  # every check passed: from here on the name holds this setting
-    manifest_uri = store.write_manifest(manifest)
+    record_config(cfg, storage)
+    manifest_uri = RunStore(storage, cfg.name).write_manifest(manifest)
     hashes = {"clean": manifest.sha256_clean, "poisoned": manifest.sha256_poisoned}
-    eval_sets = build_eval_sets(test, cfg.poison)
-
-    run_metrics = make_run_metrics(cfg, run_id)
     log(f"training {', '.join(cfg.variants)}: {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s) "
-        f"per model, global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}, {cfg.train.precision}")
+        f"per model, global batch {cfg.train.batch_size}, {'GPU' if cfg.scaling.use_gpu else 'CPU'}, "
+        f"{cfg.train.precision}")
     specs = [FitSpec(v, hashes[v], manifest.n_poisoned if v == "poisoned" else 0) for v in cfg.variants]
-    variants: dict[str, VariantResult] = {}
-
-    def finished(spec: FitSpec, checkpoint: Any, timing: dict[str, float]) -> None:
-        with checkpoint.as_directory() as ckpt_dir:
-            model, state = restore_model(ckpt_dir, cfg)
-        store.write_model(spec.variant, model)
-        evaluation = full_evaluation(model, eval_sets, cfg.poison.target, cfg.dataset.num_classes)
-        variants[spec.variant] = VariantResult(
-            **evaluation, train_sha256=spec.train_sha256, **timing, checkpoint=checkpoint.path,
-            history=tuple(EpochRecord(**epoch) for epoch in state["history"]))
-        _push(log, run_metrics.variant_finished, spec.variant, evaluation, spec.n_poisoned)
-
-    try:
-        fit_variants(cfg, specs, storage, run_id, finished, log, plans)
-    except BaseException:
-        for spec in specs:
-            if spec.variant not in variants:
-                _push(log, run_metrics.variant_failed, spec.variant)
-        raise
-    variants, kept = merge_variants(variants, earlier_results(cfg, storage))
-    if kept:
-        log(f"results keep {', '.join(kept)} from the earlier run of this setting (not trained now)")
-    results = ExperimentResults(
-        experiment=cfg.name, run_id=run_id, started_at=started, finished_at=time.time(),
-        poison_seconds=poison_seconds, n_poisoned=manifest.n_poisoned, poison_manifest=manifest_uri,
-        variants=variants, kept_from_earlier_runs=kept, config=cfg, environment=run_environment(cfg))
-    return dataclasses.replace(results, results_uri=store.write_results(results))
+    return PreparedRun(cfg, storage, run_id, log, started, poison_seconds, manifest, manifest_uri,
+                       build_eval_sets(test, cfg.poison), make_run_metrics(cfg, run_id), specs)
 
 
 def run_environment(cfg: ExperimentConfig) -> dict[str, str]:

@@ -23,13 +23,13 @@ from typing import Callable
 from backdoor_train.config import ExperimentConfig
 from backdoor_train.results import (EpochBands, ExperimentResults, MultiSeedResults, SeedFigures, SeedRow,
                                     SeedStatistics, VariantStatistics)
+from backdoor_train.runs.chain import run_chained
 from backdoor_train.runs.experiment import check_existing_run, record_config, refuse_other_setting
 from backdoor_train.runs.locked import locked_run
 from backdoor_train.storage.runlock import refuse_if_running
 from backdoor_train.storage.runstore import RunStore, child_path
 from backdoor_train.runs.stats import by_epoch, describe, first_epoch_at, fmt_pct, fmt_pp, fmt_range, paired_difference
 from backdoor_train.storage import open_storage
-from backdoor_train.runs.trials import run_trials
 
 ASR_REACHED = 0.5  # "the backdoor is learned": the first epoch whose ASR reaches this
 
@@ -99,7 +99,8 @@ def aggregate(cfg: ExperimentConfig, results: dict[str, ExperimentResults], fail
 
 def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> MultiSeedResults:
     """Run the experiment once per seed in ``cfg.seeds`` (seeds finished earlier are reused),
-    as many seeds at once as the cluster holds; write and return the multi-seed results."""
+    in chains of seeds trained one after another by one worker group per variant (runs/chain.py),
+    as many chains at once as the cluster holds; write and return the multi-seed results."""
     # The whole, for its config.json and results.json; each seed's run takes its own as well.
     with locked_run(cfg) as run:  # checks the cluster before anything is written or trained
         cfg, storage = run.cfg, run.storage
@@ -109,7 +110,7 @@ def run_seeds(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Mult
         record_config(cfg, storage)
         started = time.time()
         log(f"{len(cfg.seeds)} seeds: the experiment runs once per seed, below {storage.key_uri(cfg.name)}")
-        results, failures = run_trials(children, len(cfg.seeds), log, what="seed")
+        results, failures = run_chained(cfg, storage, run.run_id, children, log)
         out = aggregate(cfg, results, failures, started)
         uri = RunStore(storage, cfg.name).write_results(out)
     return dataclasses.replace(out, results_uri=uri)

@@ -37,6 +37,26 @@ def trials_at_once(trials: list[ExperimentConfig], max_concurrent: int,
     return at_once
 
 
+def split_finished(trials: list[ExperimentConfig], log: Callable[[str], None],
+                   what: str) -> tuple[dict[str, ExperimentResults], list[ExperimentConfig]]:
+    """({name: results} of the trials finished earlier with the same setting, the others); a
+    ``ConfigError`` when one's folder holds another setting: refused before any training."""
+    results: dict[str, ExperimentResults] = {}
+    pending = []
+    for cfg in trials:
+        earlier = finished_run(cfg, open_storage(cfg.storage))
+        if earlier is None:
+            pending.append(cfg)
+        else:
+            results[cfg.name] = earlier
+    if results:
+        log(f"{len(results)} {what}(s) finished earlier with the same setting, not trained again: "
+            f"{', '.join(results)}")
+    for cfg in pending:
+        refuse_other_setting(cfg, open_storage(cfg.storage))
+    return results, pending
+
+
 def _run_trial(cfg_dict: dict[str, Any]) -> ExperimentResults:
     from backdoor_train.runs.experiment import run_experiment
 
@@ -49,21 +69,9 @@ def run_trials(trials: list[ExperimentConfig], max_concurrent: int, log: Callabl
     """Run every trial not finished before; return ({name: results}, {name: failure})."""
     import ray
 
-    results: dict[str, ExperimentResults] = {}
-    pending = []
-    for cfg in trials:
-        earlier = finished_run(cfg, open_storage(cfg.storage))
-        if earlier is None:
-            pending.append(cfg)
-        else:
-            results[cfg.name] = earlier
-    if results:
-        log(f"{len(results)} {what}(s) finished earlier with the same setting, not trained again: "
-            f"{', '.join(results)}")
+    results, pending = split_finished(trials, log, what)
     if not pending:
         return results, {}
-    for cfg in pending:  # a folder of another setting is bad input: refuse before any training
-        refuse_other_setting(cfg, open_storage(cfg.storage))
     at_once = trials_at_once(pending, max_concurrent)
     log(f"{len(pending)} {what}(s) to train, {at_once} at once (at most {max_concurrent}; what the cluster "
         f"holds with every variant of a {what} training at once)")

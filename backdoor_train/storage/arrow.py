@@ -19,6 +19,10 @@ class ArrowStorage(Storage):
         key = key.strip("/")
         return f"{self.root}/{key}" if key else self.root
 
+    def full_path(self, key: str) -> str:
+        """``key``'s path in the filesystem (for pyarrow's own calls)."""
+        return self._path(key)
+
     def check(self) -> None:
         self.list("")
 

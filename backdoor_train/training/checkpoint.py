@@ -208,16 +208,26 @@ def newest_valid_checkpoint(storage: Storage, prefix: str, log: Callable[[str], 
 
 def upload_checkpoint(local_dir: str, dir_name: str, retry_seconds: float) -> Any:
     """``checkpoint_upload_fn`` of the workers' ``ray.train.report``: the checkpoint in
-    ``local_dir`` to the run's storage as ``dir_name``, checksum last, retried across transient
-    storage errors for ``retry_seconds``; returns the stored ``ray.train.Checkpoint``."""
+    ``local_dir`` to the run's storage as ``dir_name`` (``copy_checkpoint``); returns the stored
+    ``ray.train.Checkpoint``."""
     import ray.train
+
+    from backdoor_train.training.rayinternals import checkpoint_destination
+
+    fs, dest = checkpoint_destination(dir_name)
+    copy_checkpoint(local_dir, fs, dest, retry_seconds)
+    return ray.train.Checkpoint(path=dest, filesystem=fs)
+
+
+def copy_checkpoint(local_dir: str, fs: Any, dest: str, retry_seconds: float) -> None:
+    """The checkpoint in ``local_dir`` to folder ``dest`` of pyarrow filesystem ``fs``, checksum
+    last, retried across transient storage errors for ``retry_seconds``."""
     from pyarrow import fs as pafs
 
     from backdoor_train.storage.retry import is_transient, retry_transient
     from backdoor_train.storage import StorageError
-    from backdoor_train.training.rayinternals import checkpoint_destination
 
-    fs, dest = checkpoint_destination(dir_name)
+    dir_name = posixpath.basename(dest.rstrip("/"))
 
     def upload() -> None:
         # A folder of that name may hold a corrupt checkpoint a rerun resumed before: clear it.
@@ -241,4 +251,3 @@ def upload_checkpoint(local_dir: str, dir_name: str, retry_seconds: float) -> An
                                f"or failing (storage.retry_seconds=0: not retried)") from None
         raise StorageError(f"uploading checkpoint {dir_name} to {dest} failed: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())}") from None
-    return ray.train.Checkpoint(path=dest, filesystem=fs)

@@ -163,5 +163,7 @@ def fit_failed(variant: str, exc: BaseException, storage: Storage, store: RunSto
     detail = f"{type(exc).__name__}: {exc}"
     log_path = save_traceback(detail, variant)
     where = f"; the workers' tracebacks: {log_path}" if log_path else ""
-    line = (f"{variant}: {cause_of(exc)}; kept for a rerun: {kept_checkpoints(storage, store, variants)}{where}")
+    # A chain's checkpoints are its links' (the caller says what they kept): ``variants`` is empty.
+    kept = f"; kept for a rerun: {kept_checkpoints(storage, store, variants)}" if variants else ""
+    line = f"{variant}: {cause_of(exc)}{kept}{where}"
     return FitFailed(line, detail, log_path)

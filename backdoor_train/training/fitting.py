@@ -30,14 +30,40 @@ from backdoor_train.training.worker import train_loop_per_worker
 
 
 @dataclass(frozen=True)
+class ChainLink:
+    """One experiment of a chained fit (training/chained.py): its config, the sha256 its workers
+    must rebuild, its poisoned count, and where its checkpoints go: the Ray storage root of its
+    experiment (``Storage.ray_storage``) and the variant's folder there."""
+
+    experiment: ExperimentConfig
+    train_sha256: str
+    n_poisoned: int
+    root: str
+    prefix: str
+
+    def loop_config(self) -> dict[str, Any]:
+        return {"experiment": self.experiment.to_dict(), "train_sha256": self.train_sha256,
+                "n_poisoned": self.n_poisoned, "root": self.root, "prefix": self.prefix}
+
+
+@dataclass(frozen=True)
 class FitSpec:
     """One variant to train: its name, the sha256 its workers must rebuild, its poisoned
-    count (for the metrics) and the training samples it leaves out (detection's retrains)."""
+    count (for the metrics) and the training samples it leaves out (detection's retrains).
+    With ``chain``, the variant of several experiments trained one after another by one worker
+    group (``group`` tells the chains of one launch apart); its own hash and count are unused."""
 
     variant: str
     train_sha256: str
     n_poisoned: int
     exclude: tuple[int, ...] = ()
+    chain: tuple[ChainLink, ...] = ()
+    group: int = 0
+
+    @property
+    def key(self) -> str:
+        """The fit's name among those launched together, and its Ray run folder's."""
+        return f"chain{self.group}-{self.variant}" if self.chain else self.variant
 
 
 def fit_demand(cfg: ExperimentConfig) -> dict[str, float]:
@@ -63,6 +89,7 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     name in the variant's run folder) when Ray has no run snapshot to resume from."""
     import ray.train
 
+    from backdoor_train.training.chained import train_chain
     from backdoor_train.training.rendezvous import StoreBoundTorchConfig
 
     apply_train_env()
@@ -70,17 +97,21 @@ def make_trainer(cfg: ExperimentConfig, spec: FitSpec, storage: Storage, run_id:
     resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    loop_config = {"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
+                   "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,
+                   "exclude": list(spec.exclude), "resume_from": resume_from,
+                   "fit_index": fit_index, "fits": fits}
+    if spec.chain:
+        # The links' filesystem: the storage's own (pyarrow's S3 with its settings), None for local.
+        loop_config.update(chain=[link.loop_config() for link in spec.chain], filesystem=filesystem)
     trainer = abortable_trainer_class(write_snapshot, quiet_controller_tracebacks)(
-        train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "variant": spec.variant, "run_id": run_id,
-                           "train_sha256": spec.train_sha256, "n_poisoned": spec.n_poisoned,
-                           "exclude": list(spec.exclude), "resume_from": resume_from,
-                           "fit_index": fit_index, "fits": fits},
+        train_chain if spec.chain else train_loop_per_worker,
+        train_loop_config=loop_config,
         torch_config=StoreBoundTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=RunStore(storage, cfg.name).variant_prefix(spec.variant),
+            name=RunStore(storage, cfg.name).variant_prefix(spec.key),
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -101,7 +132,7 @@ def _already_trained(cfg: ExperimentConfig, storage: Storage, spec: FitSpec, pla
     if plan.checkpoint is None or plan.epochs_done < cfg.train.epochs:
         return None
     root, filesystem = storage.ray_storage()
-    folder = RunStore(storage, cfg.name).variant_prefix(spec.variant)
+    folder = RunStore(storage, cfg.name).variant_prefix(spec.key)
     return ray.train.Checkpoint(path=f"{root}/{folder}/{plan.checkpoint}", filesystem=filesystem)
 
 
@@ -119,19 +150,20 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
     if len(specs) > 1:
         log(f"{at_once} of the {len(specs)} trainers at once on this cluster")
     store = RunStore(storage, cfg.name)
-    plans = {s.variant: prepare_resume(storage, store.variant_prefix(s.variant), s.variant, log,
-                                       (planned or {}).get(s.variant)) for s in specs}
-    trainers = {s.variant: make_trainer(cfg, s, storage, run_id, plans[s.variant].checkpoint, i, len(specs))
+    plans = {s.key: prepare_resume(storage, store.variant_prefix(s.key), s.key, log,
+                                   (planned or {}).get(s.key)) for s in specs}
+    trainers = {s.key: make_trainer(cfg, s, storage, run_id, plans[s.key].checkpoint, i, len(specs))
                 for i, s in enumerate(specs)}
     stopping = threading.Event()
 
     def fit(spec: FitSpec) -> tuple[Any, dict[str, float]]:
         if stopping.is_set():
-            raise FitFailed(f"{spec.variant}: not started, another variant failed")
+            raise FitFailed(f"{spec.key}: not started, another variant failed")
         started, t0 = time.time(), time.perf_counter()
-        result = trainers[spec.variant].fit()
-        checkpoint = result.checkpoint or _already_trained(cfg, storage, spec, plans[spec.variant])
-        if checkpoint is None:
+        result = trainers[spec.key].fit()
+        # A chain's checkpoints are its links' own (training/chained.py); Ray keeps none.
+        checkpoint = result.checkpoint or _already_trained(cfg, storage, spec, plans[spec.key])
+        if checkpoint is None and not spec.chain:
             raise RuntimeError(f"{spec.variant}: training finished without a checkpoint")
         return checkpoint, {"fit_seconds": time.perf_counter() - t0, "fit_started_at": started,
                                    "fit_finished_at": time.time()}
@@ -157,7 +189,7 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
                 exc = future.exception()
                 if exc is not None:
                     abort_all()
-                    raise fit_failed(spec.variant, exc, storage, store, [s.variant for s in specs]) from exc
+                    raise fit_failed(spec.key, exc, storage, store, [s.key for s in specs if not s.chain]) from exc
                 checkpoint, timing = future.result()
                 on_done(spec, checkpoint, timing)
     except BaseException:

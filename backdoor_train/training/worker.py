@@ -13,7 +13,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +118,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     w.say(f"worker set-up {time.perf_counter() - setup_started:.1f}s ("
           + ", ".join(f"{k} {v:.2f}s" for k, v in setup.items()) + ")", progress=True)
 
+    def report(epoch_metrics: dict[str, Any], due: bool, done: int) -> None:
+        _report(epoch_metrics, due and w.rank == 0, model, optimizer, done, history, w.metrics,
+                checkpoint_dir_name(done, ckpt_suffix), w.cfg.storage.retry_seconds)
+
+    train_epochs(w, model, optimizer, x, y, eval_sets, start_epoch, history, report)
+    w.metrics.finish()
+
+
+def train_epochs(w: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, eval_sets: Any, start_epoch: int, history: list[dict[str, Any]],
+                 report: Callable[[dict[str, Any], bool, int], None]) -> None:
+    """The epochs from ``start_epoch`` on, each trained, evaluated, appended to ``history`` and
+    handed to ``report(metrics, checkpoint due, epochs done)`` (a barrier of all workers)."""
     cfg = w.cfg
     # The ETA: the mean wall time of the epochs trained now (a resumed run's earlier ones left out).
     clock = StepClock(cfg.train.epochs, start_epoch)
@@ -131,10 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"{epoch_metrics['epoch_seconds']:.1f}s  {epoch_metrics['samples_per_second']:.0f} samples/s  "
               f"{clock.summary()}", progress=True)
         done = epoch + 1
-        due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
-        _report(epoch_metrics, due and w.rank == 0, model, optimizer, done, history, w.metrics,
-                checkpoint_dir_name(done, ckpt_suffix), cfg.storage.retry_seconds)
-    w.metrics.finish()
+        report(epoch_metrics, done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs, done)
 
 
 # --- set-up: Ray's logging, the config, the worker's place in the group, the seed, metrics ---------

@@ -163,3 +163,48 @@ def test_the_controllers_console_keeps_messages_and_drops_tracebacks(monkeypatch
     assert "Graceful shutdown of backend failed." in console.getvalue()
     assert "Traceback" not in console.getvalue()
     assert "Traceback" in kept.getvalue() and "ValueError: boom" in kept.getvalue()
+
+
+def test_a_fit_whose_abort_does_not_take_is_killed_after_the_grace(monkeypatch, tmp_path):
+    """Ctrl-C while one fit is done and another ignores Ray Train's abort: the driver waits
+    ``ABORT_GRACE_S``, then kills that fit's controller (its workers go with it) and the
+    interrupt goes on to the command line, instead of the run training on."""
+    import threading
+
+    import backdoor_train.training.fitting as fitting
+    from backdoor_train.config import ExperimentConfig
+    from backdoor_train.storage import LocalStorage
+
+    class Trainer:
+        def __init__(self, finishes: bool) -> None:
+            self.finishes, self.killed, self.aborted = finishes, threading.Event(), False
+
+        def fit(self):
+            if not self.finishes:
+                assert self.killed.wait(30), "never killed"
+                raise RuntimeError("the controller died")  # what RayActorError does to fit()
+            return type("Result", (), {"checkpoint": object()})()
+
+        def abort(self):
+            self.aborted = True  # and nothing happens: the abort does not take
+            return None
+
+        def kill(self) -> None:
+            self.killed.set()
+
+    trainers = {"clean": Trainer(True), "poisoned": Trainer(False)}
+    monkeypatch.setattr(fitting, "check_cluster", lambda cfg, wanted, total=None: 2)
+    monkeypatch.setattr(fitting, "make_trainer", lambda cfg, spec, *args: trainers[spec.variant])
+    monkeypatch.setattr(fitting, "ABORT_GRACE_S", 0.5)
+
+    def on_done(spec, checkpoint, timing):
+        raise KeyboardInterrupt  # Ctrl-C as the first fit ends
+
+    lines: list[str] = []
+    specs = [fitting.FitSpec("clean", "", 0), fitting.FitSpec("poisoned", "", 0)]
+    with pytest.raises(KeyboardInterrupt):
+        fitting.fit_variants(ExperimentConfig.from_dict({"name": "x"}), specs, LocalStorage(str(tmp_path)), "run",
+                             on_done, lines.append)
+    assert trainers["poisoned"].aborted and trainers["poisoned"].killed.is_set()
+    assert not trainers["clean"].killed.is_set()  # it had stopped: nothing to kill
+    assert "poisoned: still training 0s after the abort; its controller and workers are killed" in lines

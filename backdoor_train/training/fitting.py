@@ -72,6 +72,10 @@ def fit_demand(cfg: ExperimentConfig) -> dict[str, float]:
     return {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0}
 
 
+# How long aborted fits get to stop their workers (Ray Train's graceful abort) before their
+# controllers are killed.
+ABORT_GRACE_S = 20.0
+
 SCALING_KEYS = "scaling.num_workers x scaling.cpus_per_worker (scaling.gpus_per_worker with use_gpu)"
 
 
@@ -175,7 +179,20 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
         # All at once: a controller busy riding out a storage outage answers only after it.
         refs = [ref for trainer in trainers.values() if (ref := trainer.abort()) is not None]
         if refs:  # a controller that exits while answering, or is gone, is aborted too
-            ray.wait(refs, num_returns=len(refs), timeout=30)
+            ray.wait(refs, num_returns=len(refs), timeout=ABORT_GRACE_S)
+
+    def stop_all() -> None:
+        started = time.monotonic()
+        abort_all()
+        pool.shutdown(wait=False, cancel_futures=True)
+        _, running = cf.wait(futures, timeout=max(0.0, ABORT_GRACE_S - (time.monotonic() - started)))
+        # An abort that did not take (seen once: a run trained on for a minute after Ctrl-C):
+        # the controller goes, and its workers with it; committed checkpoints stay.
+        for future in running:
+            key = futures[future].key
+            log(f"{key}: still training {ABORT_GRACE_S:.0f}s after the abort; its controller and workers are killed")
+            trainers[key].kill()
+        pool.shutdown(wait=True)
 
     pool = cf.ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="fit")
     futures = {pool.submit(fit, spec): spec for spec in specs}
@@ -193,7 +210,6 @@ def fit_variants(cfg: ExperimentConfig, specs: list[FitSpec], storage: Storage, 
                 checkpoint, timing = future.result()
                 on_done(spec, checkpoint, timing)
     except BaseException:
-        abort_all()
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop_all()
         raise
     pool.shutdown(wait=True)

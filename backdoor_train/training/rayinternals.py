@@ -151,6 +151,12 @@ def abortable_trainer_class(write_snapshot: Callable[[Any, str, str, float], Non
             self.aborted = True
             return self.controller.abort.remote() if self.controller is not None else None
 
+        def kill(self) -> None:
+            """Kill the controller, and with it the worker group it owns: for an abort that did
+            not take (``fit()`` then raises ``RayActorError``)."""
+            if self.controller is not None:
+                ray.kill(self.controller, no_restart=True)
+
     return AbortableTorchTrainer
 
 

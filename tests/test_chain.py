@@ -22,6 +22,18 @@ from backdoor_train.training.checkpoint import CHECKSUM_FILE, checkpoint_folders
 from backdoor_train.training.metrics import WorkerMetrics
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_ray_after_the_module():
+    """The CLI calls below start a local Ray cluster in this process and leave it up (as a
+    notebook would want); stop it after the module, so that the modules after this one do not
+    share the two cores with an idle cluster (their own runs start their own)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @dataclass
 class _Worker:  # what save_link_checkpoint and restore_link read of a WorkerContext
     cfg: ExperimentConfig

@@ -54,6 +54,27 @@ def _worker_pids() -> list[int]:
     return pids
 
 
+def _kill_a_worker_when(ready) -> tuple[threading.Thread, dict]:
+    """A thread that SIGKILLs a Ray Train worker once ``ready()`` returns a dict (what to record
+    of the moment), within 300 s; and the record: that dict, the pid killed and the time (``at``)."""
+    killed: dict = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pids = _worker_pids()
+            if pids and (found := ready()) is not None:
+                killed.update(found, at=time.time())
+                os.kill(pids[-1], signal.SIGKILL)
+                killed["pid"] = pids[-1]
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread, killed
+
+
 def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server, mnist_root, capfd, tmp_path):
     bucket = s3_env
     # 1. An uninterrupted run: everything lands in the bucket.
@@ -73,7 +94,6 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
     #    checkpoint may already be uploaded while Ray has not yet registered it (the other rank
     #    has not reported); that one is not committed, so the snapshot, not the files, says
     #    which epoch must survive the kill.
-    killed = {}
     snapshot_key = "runs/crash/poisoned/checkpoint_manager_snapshot.json"
 
     def committed_epoch() -> int:
@@ -81,21 +101,13 @@ def test_s3_run_layout_kill_resume_and_corruption(ray_cluster, s3_env, s3_server
         latest = json.loads(body).get("latest_checkpoint_result") or {}
         return checkpoint_epoch(latest.get("checkpoint_dir_name", "")) or 0
 
-    def killer():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            keys = bucket_keys(s3_server, bucket, "runs/crash/poisoned/")
-            pids = _worker_pids()
-            # The snapshot is read before the kill: a lower bound on what must survive it.
-            if snapshot_key in keys and pids and (epoch := committed_epoch()):
-                killed["checkpoints"] = epoch
-                os.kill(pids[-1], signal.SIGKILL)
-                killed["pid"] = pids[-1]
-                return
-            time.sleep(0.2)
+    def committed() -> dict | None:
+        # The snapshot is read before the kill: a lower bound on what must survive it.
+        if snapshot_key in bucket_keys(s3_server, bucket, "runs/crash/poisoned/") and (epoch := committed_epoch()):
+            return {"checkpoints": epoch}
+        return None
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = _kill_a_worker_when(committed)
     crash = run_experiment(_cfg(mnist_root, bucket, "crash", max_failures=2))
     thread.join(timeout=5)
     out = capfd.readouterr().out
@@ -249,21 +261,9 @@ def test_a_chain_on_s3_with_a_worker_killed_resumes_each_seed_from_its_own_check
     goes on from its newest checkpoint; every seed's files are in its own folder in the bucket."""
     bucket = s3_env
     cfg = dataclasses.replace(_cfg(mnist_root, bucket, "chained", max_failures=2), seeds=(1, 2))
-    killed = {}
     marker = "runs/chained/seed-2/poisoned/checkpoint_epoch_0001/state.pt.sha256"
-
-    def killer():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if marker in bucket_keys(s3_server, bucket, "runs/chained/seed-2/") and (pids := _worker_pids()):
-                killed["at"] = time.time()
-                os.kill(pids[-1], signal.SIGKILL)
-                killed["pid"] = pids[-1]
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = _kill_a_worker_when(
+        lambda: {} if marker in bucket_keys(s3_server, bucket, "runs/chained/seed-2/") else None)
     out_results = run_seeds(cfg, log=print)
     thread.join(timeout=5)
     out = capfd.readouterr().out
